@@ -1,0 +1,102 @@
+"""The model card: a JSON document stored inside the ONNX file (metadata key `skinscan.card`) and
+written beside it for people. Everything (Predictor, service, evaluation) reads it from the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ModelLoadError
+from .preprocess import PreprocessSpec
+
+CARD_KEY = "skinscan.card"
+CARD_FORMAT = 1
+BUNDLED_MODEL = "skinscan-lite0-isic.onnx"
+
+INTENDED_USE = (
+    "skinscan is a screening aid that estimates how likely a photographed skin lesion is to be malignant, "
+    "to help decide whether to see a dermatologist soon. It is not a diagnosis and does not replace a "
+    "doctor: any lesion that changes, bleeds, itches or worries you should be seen by a doctor whatever "
+    "the result. Not validated for use by itself in clinical decisions."
+)
+ADVICE = {
+    "refer": "Higher risk: see a dermatologist soon. This is a screening estimate, not a diagnosis.",
+    "monitor": (
+        "Lower risk: keep monitoring the lesion and see a doctor if it changes, bleeds or itches. "
+        "This is a screening estimate, not a diagnosis."
+    ),
+}
+
+
+class ModelCard(BaseModel):
+    """The fields every reader relies on; further keys (metrics, data, licences...) ride along."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format: int = CARD_FORMAT
+    name: str
+    version: str
+    architecture: str
+    input_name: str = "image"
+    outputs: list[str] = Field(default_factory=lambda: ["logit", "cam"])
+    preprocessing: dict[str, Any]
+    temperature: float = Field(gt=0)
+    threshold: float = Field(gt=0, lt=1)
+    threshold_rule: str = ""
+    intended_use: str = INTENDED_USE
+
+    @cached_property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocessing)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), indent=2, sort_keys=False)
+
+
+def default_model_path() -> Path:
+    """The model bundled inside the package."""
+    return Path(str(resources.files("skinscan").joinpath("models", BUNDLED_MODEL)))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def card_from_metadata(metadata: dict[str, str], where: str) -> ModelCard:
+    raw = metadata.get(CARD_KEY)
+    if raw is None:
+        raise ModelLoadError(f"{where} has no skinscan model card; export models with `skinscan export`")
+    try:
+        card = ModelCard(**json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{where}: the model card is invalid: {exc}") from None
+    if card.format > CARD_FORMAT:
+        raise ModelLoadError(f"{where}: model card format {card.format} is newer than this skinscan; upgrade it")
+    return card
+
+
+def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:
+    """Store `card` inside the ONNX file and beside it as `<name>.card.json` (needs the `onnx` package)."""
+    import onnx
+
+    ModelCard(**card)  # validate before writing anything
+    model = onnx.load(str(onnx_path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[CARD_KEY] = json.dumps(card)
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(onnx_path))
+    side = onnx_path.with_suffix(".card.json")
+    side.write_text(json.dumps(card, indent=2) + "\n")
+    return side

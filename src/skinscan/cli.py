@@ -1,0 +1,252 @@
+"""`skinscan` command line: thin subcommands over the Python API. The only module that reads argv
+and the environment (besides the service)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SkinscanError
+
+DATA_ROOT_ENV = "SKINSCAN_DATA"
+DEFAULT_DATA_ROOT = "../shared/datasets"
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
+
+log = logging.getLogger("skinscan")
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    return Path(args.data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
+def _resolve(args: argparse.Namespace, name: str) -> Path:
+    from .data import resolve_dataset
+
+    return resolve_dataset(name, _data_root(args))
+
+
+# ---------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm.auto import tqdm
+
+    from .predict import Predictor, collect_images
+
+    paths = collect_images(args.paths)
+    if not paths:
+        raise SkinscanError("no image files found in the given paths")
+    predictor = Predictor(args.model)
+    with tqdm(
+        total=len(paths), desc="skinscan", unit="img", file=sys.stderr, disable=len(paths) < 20 or args.quiet
+    ) as bar:
+        results = predictor.predict(paths, batch_size=args.batch_size, progress=bar.update)
+    rows = [r.to_dict() for r in results]
+    if args.output:
+        _write_rows(Path(args.output), rows)
+    if not args.quiet:
+        console = Console()
+        table = Table(
+            title=f"skinscan {predictor.card.name} {predictor.card.version} - a screening aid, not a diagnosis"
+        )
+        table.add_column("path", overflow="fold", ratio=3)
+        table.add_column("probability", justify="right")
+        table.add_column("decision", ratio=2)
+        table.add_column("threshold", justify="right")
+        for r in results:
+            if r.ok:
+                style = "bold red" if r.decision == "refer" else "green"
+                table.add_row(r.path, f"{r.probability:.3f}", f"[{style}]{r.decision}[/]", f"{r.threshold:.3f}")
+            else:
+                table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", f"{r.threshold:.3f}")
+        console.print(table)
+        console.print(
+            "refer = see a dermatologist soon; monitor = keep an eye on it, and see a doctor if it "
+            "changes, bleeds or itches."
+        )
+    failed = sum(not r.ok for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} file(s) could not be read (see the error column)", file=sys.stderr)
+    return 1 if failed == len(results) else 0
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+    elif path.suffix.lower() == ".csv":
+        cols = ["path", "probability", "decision", "threshold", "advice", "error"]
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        raise SkinscanError(f"--output {path}: use a .csv or .json file name")
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    if args.data:
+        overrides["data"] = str(_resolve(args, args.data))
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    cfg = load_config(args.config, overrides)
+    from .train import train  # needs the train extra
+
+    try:
+        result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished epochs are saved in {args.out}; continue with "
+            f"`skinscan train --out {args.out} --resume` (same settings)",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"run folder: {result.run_dir}\nbest epoch {result.best_epoch}: validation AUC {result.best_val_auc:.4f}; "
+        f"temperature {result.temperature:.3f}; threshold {result.threshold:.4f}; {result.seconds / 60:.1f} min"
+    )
+    print(f"next: skinscan export {result.run_dir} --out models/NAME")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    report = evaluate(
+        args.model,
+        _resolve(args, args.data),
+        args.out,
+        split=args.split,
+        run=args.run,
+        n_boot=args.bootstrap,
+        progress=not args.quiet,
+    )
+    for name, m in report.subsets.items():
+        print(
+            f"{name:>9}: n={m.n} AUC {m.auc:.4f} [{m.auc_ci[0]:.4f}, {m.auc_ci[1]:.4f}]  "
+            f"sens {m.sensitivity:.3f} spec {m.specificity:.3f}  ECE {m.ece:.4f}"
+        )
+    print(f"report: {report.out_dir / 'report.md'}")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, record_test_metrics
+
+    run = Path(args.run)
+    data_info = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
+    check = [Path(data_info["dataset"]) / k for k in data_info.get("val_keys", [])[:32]]
+    check = [p for p in check if p.is_file()] or None
+    path = export(run, args.out, name=args.name, version_tag=args.version, check_images=check)
+    print(f"wrote {path} and {path.with_suffix('.card.json')}")
+    if args.test:
+        record_test_metrics(path, _resolve(args, args.test), Path(args.out) / "test-report")
+        print(f"test metrics recorded in the model card; report in {Path(args.out) / 'test-report'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinscan",
+        description="Screen photos of skin lesions for malignancy risk. A screening aid, not a diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"skinscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "predict",
+        help="predict image files or folders (recursively)",
+        description="Print the calibrated malignancy probability and referral decision per image.",
+    )
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--model", help="ONNX model exported by `skinscan export` (default: the bundled model)")
+    p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
+    p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    common_data = argparse.ArgumentParser(add_help=False)
+    common_data.add_argument(
+        "--data-root", help=f"folder holding named datasets (default ${DATA_ROOT_ENV} or {DEFAULT_DATA_ROOT})"
+    )
+
+    p = sub.add_parser(
+        "train",
+        parents=[common_data],
+        help="fine-tune the network (needs skinscan[train])",
+        description="Fine-tune EfficientNet-Lite on a dataset. Defaults: src/skinscan/defaults.yaml.",
+    )
+    p.add_argument("--data", help="dataset folder, labels CSV, or a name under the data root (e.g. isic-mvb)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, history and calibration")
+    p.add_argument("--config", help="YAML file of settings (keys as in defaults.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set lr=3e-4")
+    p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common_data],
+        help="metrics, plots and a report for a model",
+        description="Score a labelled dataset: metrics.json, predictions.csv, plots and report.md.",
+    )
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--data", required=True, help="dataset folder, labels CSV or name (e.g. isic-mvb)")
+    p.add_argument("--split", default="auto", help="split folder to score (default: test if present)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--run", help="training run folder, to plot its training curves")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common_data],
+        help="write the ONNX model and its model card",
+        description="Export a training run to ONNX (card inside), checked against torch.",
+    )
+    p.add_argument("run", help="training run folder")
+    p.add_argument("--out", required=True, help="folder for <name>.onnx and <name>.card.json")
+    p.add_argument("--name", default="skinscan-lite0-isic", help="model name (default skinscan-lite0-isic)")
+    p.add_argument("--version", dest="version", help="model version (default: today's date)")
+    p.add_argument("--test", help="also score this dataset's test split and record its metrics in the card")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _reexec_with_malloc_tuning() -> None:
+    """glibc reads its malloc thresholds at start-up only; training is ~2x faster with them raised."""
+    if sys.platform.startswith("linux") and not all(k in os.environ for k in _MALLOC_ENV):
+        env = {**os.environ, **_MALLOC_ENV}
+        os.execve(sys.executable, [sys.executable, "-m", "skinscan", *sys.argv[1:]], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.command == "train" and argv is None:
+        _reexec_with_malloc_tuning()
+    try:
+        return args.func(args)
+    except SkinscanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Typed training settings. The defaults live in `defaults.yaml` (one commented file); this module
+validates them, applies overrides and rejects unknown keys with a suggestion."""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class TrainConfig(BaseModel):
+    """Resolved training configuration (saved next to every checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str | None = None
+    val_fraction: float = Field(gt=0.0, lt=0.5)
+    seed: int
+    limit: int | None = Field(default=None, gt=0)
+    arch: Literal["efficientnet-lite0", "efficientnet-lite1"]
+    image_size: int = Field(ge=64, le=512)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    lr: float = Field(gt=0.0)
+    warmup_epochs: int = Field(ge=0)
+    weight_decay: float = Field(ge=0.0)
+    label_smoothing: float = Field(ge=0.0, lt=0.5)
+    patience: int = Field(ge=1)
+    augment: Literal["none", "standard"]
+    workers: int = Field(ge=0)
+    threads: int | None = Field(default=None, ge=1)
+    target_sensitivity: float = Field(gt=0.5, le=1.0)
+
+
+def default_values() -> dict[str, Any]:
+    """The defaults as written in `defaults.yaml`."""
+    text = resources.files("skinscan").joinpath("defaults.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn `key=value` strings into a dict; values are parsed as YAML scalars (`lr=1e-3`, `limit=null`)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not of the form key=value, e.g. --set epochs=10")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at `path`, then `overrides`; unknown keys fail with a suggestion."""
+    values = default_values()
+    layers: list[dict[str, Any]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of key: value lines")
+        layers.append(loaded)
+    layers.append(overrides or {})
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in values:
+                close = difflib.get_close_matches(key, values, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(values)}"
+                raise ConfigError(f"unknown setting '{key}'{hint}")
+            values[key] = value
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid setting: {problems}") from None

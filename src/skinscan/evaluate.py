@@ -1,0 +1,237 @@
+"""evaluate(model, dataset) -> metrics.json, predictions.csv, plots and a Markdown report.
+
+Metrics per subset (for isic-mvb test: all 660 and the 646 without near-duplicates in train), with
+bootstrap 95% intervals that resample whole patients where the dataset records them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import Record, load_dataset, without_leaks
+from .errors import DatasetError, SkinscanError
+from .metrics import BinaryMetrics, binary_metrics, reliability_bins
+from .predict import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    out_dir: Path
+    model: dict
+    subsets: dict[str, BinaryMetrics]
+    n_errors: int
+
+
+def load_eval_records(data: str | Path, split: str | None = "auto") -> dict[str, list[Record]]:
+    """Named subsets to score. A dataset with train/test folders gives `all` and `deleaked` test sets."""
+    root = Path(data)
+    if split == "auto":
+        split = "test" if (root / "test").is_dir() else None
+    records = load_dataset(root, split=split)
+    subsets = {"all": records}
+    if split and split != "train" and (root / "train").is_dir():
+        clean = without_leaks(records, load_dataset(root, split="train"))
+        if len(clean) != len(records):
+            subsets["deleaked"] = clean
+    return subsets
+
+
+def score(predictor: Predictor, records: Sequence[Record], progress: bool = True) -> tuple[np.ndarray, list]:
+    """Calibrated probabilities for `records` (NaN where an image failed) and the per-image Predictions."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(records), desc="predict", unit="img", disable=not progress, leave=False) as bar:
+        preds = predictor.predict(
+            [r.path for r in records], names=[r.key for r in records], batch_size=32, progress=bar.update
+        )
+    probs = np.array([p.probability if p.ok else np.nan for p in preds], dtype=float)
+    return probs, preds
+
+
+def evaluate(
+    model: str | Path | Predictor | None,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = "auto",
+    run: str | Path | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> EvalReport:
+    predictor = model if isinstance(model, Predictor) else Predictor(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    subsets = load_eval_records(data, split)
+    records = subsets["all"]
+    probs, preds = score(predictor, records, progress)
+    n_errors = int(np.isnan(probs).sum())
+    if n_errors == len(records):
+        raise SkinscanError(f"no image of {data} could be read")
+    by_key = {r.key: (p, r) for r, p in zip(records, probs, strict=True)}
+
+    results: dict[str, BinaryMetrics] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, recs in subsets.items():
+        pairs = [(by_key[r.key][0], r) for r in recs if not math.isnan(by_key[r.key][0])]
+        y = np.array([r.label for _, r in pairs])
+        p = np.array([pp for pp, _ in pairs])
+        groups = [r.patient or r.group for _, r in pairs]
+        if len(np.unique(y)) < 2:
+            raise DatasetError(f"subset {name!r} holds one class only: AUC is undefined")
+        results[name] = binary_metrics(y, p, predictor.threshold, groups, n_boot=n_boot)
+        curves[name] = (y, p)
+
+    _write_predictions(out / "predictions.csv", records, preds)
+    payload = {
+        "model": {
+            **predictor.info(),
+            "path": str(predictor.model_path),
+            "threshold": predictor.threshold,
+            "temperature": predictor.card.temperature,
+        },
+        "data": {"dataset": str(data), "split": split, "n_images": len(records), "n_unreadable": n_errors},
+        "subsets": {k: v.to_dict() for k, v in results.items()},
+        "reliability": {k: reliability_bins(*curves[k]) for k in curves},
+    }
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2))
+    history = _read_history(Path(run)) if run else None
+    figures = _plots(out, curves, predictor.threshold, history)
+    _write_report(out, payload, results, figures)
+    return EvalReport(out, payload["model"], results, n_errors)
+
+
+def _write_predictions(path: Path, records: Sequence[Record], preds: Sequence) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "label", "probability", "decision", "error"])
+        for r, p in zip(records, preds, strict=True):
+            w.writerow(
+                [
+                    r.key,
+                    r.label,
+                    "" if p.probability is None else f"{p.probability:.6f}",
+                    p.decision or "",
+                    p.error or "",
+                ]
+            )
+
+
+def _read_history(run: Path) -> list[dict] | None:
+    f = run / "history.csv"
+    if not f.is_file():
+        raise DatasetError(f"{run} has no history.csv: is it a training run folder?")
+    with f.open() as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _plots(out: Path, curves: dict, threshold: float, history: list[dict] | None) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    figs = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=name)
+        pred = p >= threshold
+        ax.plot(1 - (~pred[y == 0]).mean(), pred[y == 1].mean(), "o")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (dots: operating threshold)")
+    ax.legend()
+    figs.append(("ROC", _save(fig, out / "roc.png")))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        prec, rec, _ = precision_recall_curve(y, p)
+        ax.plot(rec, prec, label=name)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall")
+    ax.legend()
+    figs.append(("Precision-recall", _save(fig, out / "pr.png")))
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.8), squeeze=False)
+    for ax, (name, (y, p)) in zip(axes[0], curves.items(), strict=True):
+        pred = (p >= threshold).astype(int)
+        cm = np.array([[((y == t) & (pred == q)).sum() for q in (0, 1)] for t in (0, 1)])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=12)
+        ax.set(
+            xticks=[0, 1],
+            yticks=[0, 1],
+            xticklabels=["monitor", "refer"],
+            yticklabels=["benign", "malignant"],
+            xlabel="decision",
+            ylabel="truth",
+            title=f"{name} (threshold {threshold:.3f})",
+        )
+    figs.append(("Confusion matrix at the operating threshold", _save(fig, out / "confusion.png")))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        bins = reliability_bins(y, p)
+        ax.plot([b["mean_p"] for b in bins], [b["frac_pos"] for b in bins], "o-", label=name)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(
+        xlabel="predicted probability", ylabel="observed fraction malignant", title="Reliability (15 equal-width bins)"
+    )
+    ax.legend()
+    figs.append(("Reliability diagram", _save(fig, out / "reliability.png")))
+
+    if history:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+        ep = [h["epoch"] for h in history]
+        a1.plot(ep, [h["train_loss"] for h in history], label="train")
+        a1.plot(ep, [h["val_loss"] for h in history], label="validation")
+        a1.set(xlabel="epoch", ylabel="loss", title="Loss")
+        a2.plot(ep, [h["train_auc"] for h in history], label="train")
+        a2.plot(ep, [h["val_auc"] for h in history], label="validation")
+        a2.set(xlabel="epoch", ylabel="ROC AUC", title="AUC")
+        a1.legend()
+        a2.legend()
+        figs.append(("Training curves", _save(fig, out / "training_curves.png")))
+    return figs
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], figures: list) -> None:
+    m = payload["model"]
+    lines = [
+        f"# skinscan evaluation: {Path(payload['data']['dataset']).name}",
+        "",
+        f"Model `{m['name']}` version {m['version']} (sha256 {m['sha256'][:12]}), "
+        f"operating threshold {m['threshold']:.4f}, temperature {m['temperature']:.3f}.",
+        f"Images: {payload['data']['n_images']} ({payload['data']['n_unreadable']} unreadable).",
+        "",
+        "| subset | n (malignant) | ROC AUC [95% CI] | sensitivity | specificity | accuracy | ECE (15 bins) | Brier |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r.n} ({r.n_malignant}) | {r.auc:.4f} [{r.auc_ci[0]:.4f}, {r.auc_ci[1]:.4f}] | "
+            f"{r.sensitivity:.3f} | {r.specificity:.3f} | {r.accuracy:.3f} | {r.ece:.4f} | {r.brier:.4f} |"
+        )
+    lines += ["", "Intervals: percentile bootstrap (1000 resamples; whole patients where recorded).", ""]
+    for title, fname in figures:
+        lines += [f"## {title}", "", f"![{title}]({fname})", ""]
+    (out / "report.md").write_text("\n".join(lines))

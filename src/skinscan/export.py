@@ -1,0 +1,184 @@
+"""export(run) -> ONNX model with its model card inside, checked against torch on real images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import warnings
+from datetime import date
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .card import CARD_FORMAT, INTENDED_USE, write_card
+from .config import TrainConfig
+from .errors import ModelLoadError, SkinscanError
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover
+    from .errors import MissingExtra
+
+    raise MissingExtra("train", "export", exc) from exc
+
+import contextlib
+
+from .model import WEIGHTS_LICENCE, LesionNet
+from .preprocess import PreprocessSpec, load_pixels, normalise
+
+PARITY_TOLERANCE = 1e-4
+DATA_LICENCES = {
+    "isic-mvb": "ISIC Archive terms of use (CC BY-NC and CC-0 images); research and non-commercial use",
+    "pad-ufes-20-phone": "PAD-UFES-20, CC BY 4.0 (Pacheco et al. 2020)",
+}
+
+
+class _ExportWrapper(torch.nn.Module):
+    """Two outputs: the raw logit and the class activation map (for heatmaps without torch)."""
+
+    def __init__(self, net: LesionNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.net.features(image)
+        return self.net.head(feats), self.net.cam(feats)
+
+
+def load_run_model(run: Path) -> tuple[LesionNet, TrainConfig]:
+    run = Path(run)
+    if not (run / "best.pt").is_file() or not (run / "config.yaml").is_file():
+        raise ModelLoadError(f"{run} is not a finished training run (needs best.pt and config.yaml)")
+    cfg = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
+    net = LesionNet(cfg.arch, cfg.dropout, pretrained=False, image_size=cfg.image_size)
+    net.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"])
+    return net.eval(), cfg
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in (
+        "skinscan",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "numpy",
+        "pillow",
+        "albumentations",
+        "efficientnet-lite-pytorch",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def parity_check(onnx_path: Path, net: LesionNet, batch: np.ndarray) -> float:
+    """Largest |logit difference| between ONNX Runtime and torch on `batch`; raises above tolerance."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(["logit"], {"image": batch})[0]
+    with torch.inference_mode():
+        torch_logits = net(torch.from_numpy(batch)).numpy()
+    diff = float(np.abs(onnx_logits - torch_logits).max())
+    if diff > PARITY_TOLERANCE:
+        raise SkinscanError(f"ONNX and torch disagree by {diff:.2e} (> {PARITY_TOLERANCE}): export is broken")
+    return diff
+
+
+def export(
+    run: str | Path,
+    out_dir: str | Path,
+    name: str = "skinscan-lite0-isic",
+    version_tag: str | None = None,
+    check_images: list[Path] | None = None,
+) -> Path:
+    """Write `<out_dir>/<name>.onnx` (card inside) and `<name>.card.json`; returns the ONNX path."""
+    run, out_dir = Path(run), Path(out_dir)
+    net, cfg = load_run_model(run)
+    spec = PreprocessSpec(size=cfg.image_size)
+    calibration = json.loads((run / "calibration.json").read_text())
+    data_info = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"{name}.onnx"
+
+    dummy = torch.zeros(2, 3, spec.size, spec.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _ExportWrapper(net).eval(),
+            (dummy,),
+            str(onnx_path),
+            input_names=["image"],
+            output_names=["logit", "cam"],
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", max=4096)}},
+            opset_version=18,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    # Parity on real images from the run's validation split (or random inputs if none are given).
+    if check_images:
+        batch = normalise(np.stack([load_pixels(p, spec) for p in check_images]), spec)
+    else:
+        batch = np.random.default_rng(0).standard_normal((4, 3, spec.size, spec.size)).astype(np.float32)
+    diff = parity_check(onnx_path, net, batch)
+
+    history = []
+    if (run / "history.csv").is_file():
+        with (run / "history.csv").open() as fh:
+            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    source = Path(data_info.get("dataset", "")).name
+    card = {
+        "format": CARD_FORMAT,
+        "name": name,
+        "version": version_tag or f"{date.today().isoformat()}",
+        "architecture": f"{cfg.arch} (ImageNet-pretrained) -> global average pool -> linear, 1 logit",
+        "input_name": "image",
+        "outputs": ["logit", "cam"],
+        "preprocessing": spec.to_dict(),
+        "temperature": calibration["temperature"],
+        "threshold": calibration["threshold"],
+        "threshold_rule": (
+            f"highest threshold on the calibrated validation probability that keeps validation "
+            f"sensitivity >= {calibration['target_sensitivity']}"
+        ),
+        "intended_use": INTENDED_USE,
+        "metrics": {"validation": calibration["validation"]},
+        "training": {
+            "config": cfg.model_dump(),
+            "best_epoch": calibration["best_epoch"],
+            "history": history,
+            "data": {k: v for k, v in data_info.items() if k != "val_keys"},
+        },
+        "parity_max_abs_logit_diff": diff,
+        "licences": {
+            "code": "Apache-2.0",
+            "weights": WEIGHTS_LICENCE,
+            "data": {source: DATA_LICENCES.get(source, "see the dataset's own terms")},
+        },
+        "packages": _versions(),
+    }
+    write_card(onnx_path, card)
+    return onnx_path
+
+
+def record_test_metrics(onnx_path: Path, data: Path, report_dir: Path) -> dict:
+    """Score `data`'s test split with the exported model and store the metrics in its card."""
+    from .card import ModelCard
+    from .evaluate import evaluate
+    from .predict import Predictor
+
+    predictor = Predictor(onnx_path)
+    report = evaluate(predictor, data, report_dir, split="auto", progress=False)
+    card = predictor.card.model_dump()
+    card.setdefault("metrics", {})["test"] = {
+        "dataset": Path(data).name,
+        "subsets": {k: v.to_dict() for k, v in report.subsets.items()},
+    }
+    del predictor  # release the file before rewriting it
+    write_card(Path(onnx_path), ModelCard(**card).model_dump())
+    return card["metrics"]["test"]

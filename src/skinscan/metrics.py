@@ -1,0 +1,161 @@
+"""Metrics, calibration and the operating threshold: the one home for AUC, ECE and friends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+
+def sigmoid(z: np.ndarray | float) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+def roc_auc(y: Sequence[int], p: Sequence[float]) -> float:
+    y = np.asarray(y)
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def expected_calibration_error(y: Sequence[int], p: Sequence[float], bins: int = 15) -> float:
+    """ECE with `bins` equal-width probability bins, weighted by bin size."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(y[m].mean() - p[m].mean())
+    return float(ece)
+
+
+def reliability_bins(y: Sequence[int], p: Sequence[float], bins: int = 15) -> list[dict]:
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    return [
+        {
+            "lo": b / bins,
+            "hi": (b + 1) / bins,
+            "count": int((idx == b).sum()),
+            "mean_p": float(p[idx == b].mean()),
+            "frac_pos": float(y[idx == b].mean()),
+        }
+        for b in range(bins)
+        if (idx == b).any()
+    ]
+
+
+def fit_temperature(logits: Sequence[float], y: Sequence[int]) -> float:
+    """Temperature T minimising the validation negative log-likelihood of sigmoid(logit / T)."""
+    from scipy.optimize import minimize_scalar
+
+    z, t = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, s) - t * s))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def threshold_for_sensitivity(y: Sequence[int], p: Sequence[float], target: float) -> float:
+    """The highest threshold t such that predicting `p >= t` keeps sensitivity >= target."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    pos = np.sort(p[y == 1])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no positive cases: cannot choose a sensitivity-based threshold")
+    k = int(np.ceil(target * len(pos)))  # need at least k positives at or above t
+    return float(pos[k - 1])
+
+
+@dataclass(frozen=True)
+class BinaryMetrics:
+    n: int
+    n_malignant: int
+    auc: float
+    auc_ci: tuple[float, float]
+    average_precision: float
+    sensitivity: float
+    specificity: float
+    accuracy: float
+    ppv: float
+    npv: float
+    ece: float
+    brier: float
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bootstrap_auc_ci(
+    y: Sequence[int],
+    p: Sequence[float],
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval for ROC AUC, resampling whole groups (patients) when given."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y))]
+    else:
+        g = np.asarray(groups)
+        _, inv = np.unique(g, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inv))[:-1])
+    aucs = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(members), len(members))
+        idx = np.concatenate([members[i] for i in pick])
+        if len(np.unique(y[idx])) == 2:
+            aucs.append(roc_auc_score(y[idx], p[idx]))
+    lo, hi = np.percentile(aucs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def binary_metrics(
+    y: Sequence[int],
+    p: Sequence[float],
+    threshold: float,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+) -> BinaryMetrics:
+    """Discrimination, calibration and the confusion matrix at `threshold` (predict malignant if p >= t)."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    pred = p >= threshold
+    tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())
+    tn, fn = int((~pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    both = len(np.unique(y)) == 2
+    return BinaryMetrics(
+        n=len(y),
+        n_malignant=int(y.sum()),
+        auc=roc_auc(y, p),
+        auc_ci=bootstrap_auc_ci(y, p, groups, n_boot=n_boot) if both else (float("nan"), float("nan")),
+        average_precision=float(average_precision_score(y, p)) if both else float("nan"),
+        sensitivity=ratio(tp, tp + fn),
+        specificity=ratio(tn, tn + fp),
+        accuracy=ratio(tp + tn, len(y)),
+        ppv=ratio(tp, tp + fp),
+        npv=ratio(tn, tn + fn),
+        ece=expected_calibration_error(y, p),
+        brier=float(brier_score_loss(y, p)),
+        threshold=float(threshold),
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+    )
