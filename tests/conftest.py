@@ -1,0 +1,98 @@
+"""Shared fixtures: where the datasets live, and small synthetic images written on the fly."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The project reads the shared data from ../shared/datasets, relative to the repository root.
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "datasets"
+
+# Quadrant colours of `quadrants()`: distinct enough to survive lossy codecs.
+RED, GREEN, BLUE, YELLOW = (220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 20)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _data_missing(message: str) -> None:
+    """Skip on a developer machine; fail in CI, where a silently skipped data test hides a regression."""
+    if _in_ci():
+        pytest.fail(f"{message} (CI is set, so data tests fail instead of skipping)", pytrace=False)
+    pytest.skip(message)
+
+
+def find_data_root() -> Path:
+    """The folder holding the shared datasets: $SKINSCAN_DATA, else ../shared/datasets (skip or fail if absent)."""
+    env = os.environ.get("SKINSCAN_DATA")
+    root = Path(env) if env else DEFAULT_DATA_ROOT
+    if not root.is_dir():
+        _data_missing(f"{root}: ../shared/datasets not found; set SKINSCAN_DATA to the folder that holds the datasets")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return find_data_root()
+
+
+@pytest.fixture(scope="session")
+def isic_mvb(data_root: Path) -> Path:
+    path = data_root / "isic-mvb"
+    if not (path / "manifest.csv").is_file():
+        _data_missing(f"{path}: isic-mvb not found under the data root; set SKINSCAN_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pad_ufes(data_root: Path) -> Path:
+    path = data_root / "pad-ufes-20-phone"
+    if not (path / "labels.csv").is_file():
+        _data_missing(f"{path}: pad-ufes-20-phone not found under the data root; set SKINSCAN_DATA")
+    return path
+
+
+def quadrants(width: int = 64, height: int = 48) -> Image.Image:
+    """RGB image with four solid quadrants: top-left red, top-right green, bottom-left blue, bottom-right yellow."""
+    img = Image.new("RGB", (width, height))
+    w2, h2 = width // 2, height // 2
+    img.paste(RED, (0, 0, w2, h2))
+    img.paste(GREEN, (w2, 0, width, h2))
+    img.paste(BLUE, (0, h2, w2, height))
+    img.paste(YELLOW, (w2, h2, width, height))
+    return img
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    """The bytes of `img` saved in `fmt` (HEIF works once pillow_heif's opener is registered)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def write_image(tmp_path: Path) -> Callable[..., Path]:
+    """Write a small image under tmp_path: write_image("a/b.png", img=None, fmt=None, **save_params) -> Path.
+
+    Without `img` a 32x24 quadrant image is written; the format defaults to the file suffix.
+    """
+
+    def _write(name: str, img: Image.Image | None = None, fmt: str | None = None, **params) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (img if img is not None else quadrants(32, 24)).save(path, format=fmt, **params)
+        return path
+
+    return _write
+
+
+def near(pixel, colour, tol: int = 40) -> bool:
+    """Every channel of `pixel` within `tol` of `colour` (lossy codecs move colours a little)."""
+    return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, colour, strict=True))
