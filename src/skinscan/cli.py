@@ -157,6 +157,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+_SERVE_FLAGS = (
+    "host",
+    "port",
+    "workers",
+    "model",
+    "threads",
+    "max_body_bytes",
+    "max_pixels",
+    "max_batch_items",
+    "batch_window_ms",
+    "max_batch_size",
+    "api_key",
+    "cors_origins",
+    "request_timeout_s",
+)
+
+
+def _serve_log_config(verbose: bool) -> dict:
+    """uvicorn's logging plus the service's logger, so that worker processes log it too."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    level = "DEBUG" if verbose else "INFO"
+    config["loggers"]["skinscan"] = {"handlers": ["default"], "level": level, "propagate": False}
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
+    from .predict import Predictor
+    from .service import Settings, create_app
+
+    flags = {k: getattr(args, k) for k in _SERVE_FLAGS if getattr(args, k) is not None}
+    try:
+        settings = Settings(**flags)  # flags win over SKINSCAN_* environment variables
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid serve setting ({problems}); see `skinscan serve --help`") from None
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "debug" if args.verbose else "info",
+        "access_log": False,  # the service logs its own line per request (id, sizes, timings; never images)
+        "log_config": _serve_log_config(args.verbose),
+        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 1,
+    }
+    if settings.workers == 1:
+        predictor = Predictor(settings.model, threads=settings.threads)  # fail here, with a clear message
+        uvicorn.run(create_app(settings, predictor=predictor), **common)
+        return 0
+    if settings.model is not None and not settings.model.is_file():
+        raise ConfigError(f"--model {settings.model}: no such file")
+    # Each worker process builds its own app from the environment, so pass the flags on through it.
+    for key, value in flags.items():
+        os.environ[f"SKINSCAN_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
+    uvicorn.run("skinscan.service:create_app_from_env", factory=True, workers=settings.workers, **common)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinscan",
@@ -225,6 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", dest="version", help="model version (default: today's date)")
     p.add_argument("--test", help="also score this dataset's test split and record its metrics in the card")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP prediction service",
+        description="Serve predictions over HTTP (docs at /docs). Every flag can also be set as an environment "
+        "variable SKINSCAN_<FLAG>, e.g. SKINSCAN_API_KEY; flags win.",
+    )
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=int, help="worker processes, each with its own model (default 1)")
+    p.add_argument("--model", help="ONNX model exported by `skinscan export` (default: the bundled model)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body in bytes (default 32 MiB)")
+    p.add_argument("--max-pixels", type=int, help="largest image, width x height (default 250,000,000)")
+    p.add_argument("--max-batch-items", type=int, help="most images per batch request (default 32)")
+    p.add_argument("--batch-window-ms", type=float, help="dynamic batching wait in ms (default 2)")
+    p.add_argument("--max-batch-size", type=int, help="most images per inference run (default 8)")
+    p.add_argument("--api-key", help="require this key (prefer SKINSCAN_API_KEY: flags show in `ps`)")
+    p.add_argument(
+        "--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allow a CORS origin (repeat)"
+    )
+    p.add_argument("--request-timeout-s", type=float, help="limit for one request in seconds (default 30)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,301 @@
+"""Load test of `skinscan serve` against two baselines measured in the same run, on loopback.
+
+Systems (each a separate server process, started and stopped here):
+  serve     `skinscan serve`: ONNX Runtime, model loaded once, dynamic batching.
+  torch     the same network in PyTorch eager (inference_mode, channels_last, glibc malloc tuning) in a
+            plain FastAPI handler, one image per call, no batching; needs a training run folder (--run).
+  reload    the prototype's pattern: the ONNX model loaded from disk on every request.
+
+For each system and concurrency level (default 1, 8, 32) a bounded load generator sends a fixed number
+of 224x224 JPEGs (examples/isic-*.jpg, raw image/jpeg bodies) with a time limit, then reports throughput,
+p50/p99 latency and the server's peak RSS (VmHWM). A generated 12-megapixel phone JPEG (4000x3000) is
+timed at concurrency 1. The load generator shares the CPU with the server: run on a quiet machine.
+
+    python benchmarks/bench_service.py --out benchmarks/results/service.json
+    python benchmarks/bench_service.py --requests 20 --concurrency 1 8 --systems serve reload  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_IMAGES = sorted((REPO / "examples").glob("isic-*.jpg"))
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
+GOALS = "goals: serve >= 3x torch throughput at c=8; p99 at c=8 < 150 ms; 12 MP photo < 150 ms; RSS < 400 MB"
+
+
+# ---------------------------------------------------------------- the two baseline servers
+def _torch_app(run: Path):
+    """PyTorch eager, one image per request, no batching: the naive way to serve the trained network."""
+    import torch
+
+    from skinscan.errors import InvalidImage
+    from skinscan.export import load_run_model
+    from skinscan.preprocess import preprocess
+
+    net, cfg = load_run_model(run)
+    net = net.to(memory_format=torch.channels_last)
+    spec = cfg.preprocess_spec()
+    calibration = json.loads((run / "calibration.json").read_text())
+    temperature, threshold = calibration["temperature"], calibration["threshold"]
+
+    def infer(body: bytes) -> dict:
+        x = torch.from_numpy(preprocess(body, spec)[None]).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logit = float(net(x)[0])
+        p = 1.0 / (1.0 + math.exp(-logit / temperature))
+        return {"probability": p, "decision": "refer" if p >= threshold else "monitor"}
+
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(await run_in_threadpool(infer, await request.body()))
+        except InvalidImage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> dict:
+        return {"ready": True}
+
+    return app
+
+
+def _reload_app(model: Path):
+    """The prototype's pattern: every request loads the model from disk before predicting."""
+    from skinscan.predict import Predictor
+
+    def infer(body: bytes) -> dict:
+        return Predictor(model)(body).to_dict()
+
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> JSONResponse:
+        result = await run_in_threadpool(infer, await request.body())
+        return JSONResponse(result, status_code=200 if result["error"] is None else 422)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> dict:
+        return {"ready": True}
+
+    return app
+
+
+def _serve_baseline(kind: str, port: int, run: Path, model: Path) -> None:
+    import uvicorn
+
+    app = _torch_app(run) if kind == "torch" else _reload_app(model)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# ---------------------------------------------------------------- processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(system: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = dict(os.environ)
+    if system == "serve":
+        cmd = [sys.executable, "-m", "skinscan", "serve", "--port", str(port)]
+        cmd += ["--model", str(args.model)] if args.model else []
+        env.pop("SKINSCAN_API_KEY", None)
+    else:
+        cmd = [sys.executable, __file__, "--serve-baseline", system, "--port", str(port), "--run", str(args.run)]
+        cmd += ["--model", str(args.model)] if args.model else []
+        if system == "torch":
+            env.update(MALLOC_ENV)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{system} server exited with {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{system} server not ready within 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- load generator
+async def _load(url: str, bodies: list[bytes], concurrency: int, n: int, time_limit: float) -> dict:
+    """`n` requests from `concurrency` workers, or fewer if `time_limit` seconds pass first."""
+    latencies: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        for body in bodies[: max(1, min(len(bodies), concurrency))]:  # warm the connections
+            await client.post("/v1/predict", content=body, headers={"content-type": "image/jpeg"})
+        started = time.perf_counter()
+        stop_at = started + time_limit
+
+        async def worker() -> None:
+            nonlocal sent, errors, first_error
+            while sent < n and time.perf_counter() < stop_at:
+                body = bodies[sent % len(bodies)]
+                sent += 1
+                t = time.perf_counter()
+                r = await client.post("/v1/predict", content=body, headers={"content-type": "image/jpeg"})
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+                    first_error = first_error or f"{r.status_code} {r.text[:200]}"
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    latencies.sort()
+
+    def pct(q: float) -> float | None:
+        if not latencies:
+            return None
+        return round(1000 * latencies[min(len(latencies) - 1, math.ceil(q * len(latencies)) - 1)], 1)
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(seconds, 3),
+        "throughput_rps": round(len(latencies) / seconds, 2) if seconds > 0 else None,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "mean_ms": round(1000 * statistics.fmean(latencies), 1) if latencies else None,
+        "time_limited": len(latencies) + errors < n,
+        "first_error": first_error,
+    }
+
+
+def _phone_photo() -> bytes:
+    """A 4000x3000 JPEG with texture (a flat image would decode unrealistically fast)."""
+    base = Image.effect_noise((1000, 750), 40).convert("RGB").resize((4000, 3000), Image.BILINEAR)
+    tint = Image.new("RGB", (4000, 3000), (205, 160, 140))
+    buf = io.BytesIO()
+    Image.blend(base, tint, 0.6).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _bench_system(system: str, args: argparse.Namespace, small: list[bytes], phone: bytes) -> dict:
+    proc, url = _start(system, args)
+    out: dict = {"system": system, "levels": []}
+    try:
+        for c in args.concurrency:
+            n = args.requests if system != "reload" else min(args.requests, args.reload_requests)
+            level = asyncio.run(_load(url, small, c, n, args.time_limit))
+            out["levels"].append(level)
+            print(f"  {system:>6} c={c:<3} {level}", file=sys.stderr)
+        if system in args.phone_systems:
+            out["phone_12mp"] = asyncio.run(_load(url, [phone], 1, args.phone_requests, args.time_limit))
+            print(f"  {system:>6} 12 MP {out['phone_12mp']}", file=sys.stderr)
+        out["peak_rss_mb"] = _peak_rss_mb(proc.pid)
+    finally:
+        _stop(proc)
+    return out
+
+
+def _markdown(results: list[dict]) -> str:
+    rows = [
+        "| system | concurrency | requests | throughput (req/s) | p50 (ms) | p99 (ms) | peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for res in results:
+        rss = f"{res['peak_rss_mb']:.0f}" if res.get("peak_rss_mb") else "-"
+        levels = [*res["levels"], *([dict(res["phone_12mp"], concurrency="1 (12 MP)")] if "phone_12mp" in res else [])]
+        for lv in levels:
+            rows.append(
+                f"| {res['system']} | {lv['concurrency']} | {lv['requests']}{'*' if lv['time_limited'] else ''} | "
+                f"{lv['throughput_rps']} | {lv['p50_ms']} | {lv['p99_ms']} | {rss} |"
+            )
+    rows.append("\n`*`: stopped by the time limit before the request count. " + GOALS)
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="ONNX model (default: the bundled model)")
+    p.add_argument("--run", type=Path, default=Path("runs/isic-lite0"), help="training run for the torch baseline")
+    p.add_argument("--systems", nargs="+", default=["serve", "torch", "reload"], choices=["serve", "torch", "reload"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=400, help="requests per level (default 400)")
+    p.add_argument("--reload-requests", type=int, default=100, help="cap for the slow reload baseline (default 100)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most (default 60)")
+    p.add_argument("--phone-requests", type=int, default=20, help="12 MP requests at concurrency 1 (default 20)")
+    p.add_argument("--phone-systems", nargs="*", default=["serve", "torch"], help="systems timed on the 12 MP photo")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--serve-baseline", choices=["torch", "reload"], help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_baseline:
+        model = args.model or _bundled_model()
+        _serve_baseline(args.serve_baseline, args.port, args.run, model)
+        return 0
+    if "torch" in args.systems and not (args.run / "best.pt").is_file():
+        p.error(f"--run {args.run}: no best.pt there; train first or pass --run, or leave out --systems torch")
+    small = [f.read_bytes() for f in SMALL_IMAGES]
+    phone = _phone_photo()
+    results = [_bench_system(s, args, small, phone) for s in args.systems]
+    table = _markdown(results)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+        payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "host": meta, "results": results}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _bundled_model() -> Path:
+    from skinscan.card import default_model_path
+
+    return default_model_path()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

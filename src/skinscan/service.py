@@ -1,0 +1,886 @@
+"""`skinscan serve`: the HTTP prediction service (FastAPI + uvicorn).
+
+Four steps, LitServe-style: load the Predictor once at start-up (and pass a warm-up inference before
+reporting ready); decode the request into image bytes; predict through a dynamic batcher that feeds
+`Predictor.predict` on one inference thread; encode `Prediction.to_dict()` plus the model's identity.
+
+Every bad input is answered by `_error_response`, the one place that maps errors to HTTP codes:
+
+| status | code                                       | when                                                |
+| ------ | ------------------------------------------ | --------------------------------------------------- |
+| 400    | empty_body, empty_image, invalid_json,     | the request cannot be read as one of the accepted   |
+|        | invalid_base64, invalid_multipart,         | shapes (JSON `image`/`input`, multipart `file`,     |
+|        | missing_image, too_many_images, ...        | raw `image/*` body)                                 |
+| 401    | unauthorized                               | an API key is configured and the request lacks it   |
+| 408    | request_timeout                            | the client did not send its body in time            |
+| 413    | body_too_large                             | the body exceeds `max_body_bytes` (checked while    |
+|        |                                            | reading, before parsing)                            |
+| 415    | unsupported_media_type                     | a content type other than JSON, multipart, image/*  |
+| 422    | invalid_image, too_many_pixels             | the bytes are not a usable image (not an image,     |
+|        |                                            | truncated, unsupported format, decompression bomb)  |
+| 503    | timeout, not_ready, shutting_down          | busy past the time limit, still loading, stopping   |
+| 500    | internal                                   | a bug (never the client's input): see the log       |
+
+Images stay in memory (multipart bodies are parsed here, never spooled to disk) and never reach the
+logs; logs carry the request id, sizes, status and timings only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import math
+import time
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .errors import InvalidImage
+from .predict import Prediction, Predictor
+from .preprocess import MAX_PIXELS, load_pixels
+
+log = logging.getLogger("skinscan.service")
+
+MODEL_ROUTE_NAME = "skinscan"  # the model's name in KServe v2 routes: /v2/models/skinscan
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------- settings
+class Settings(BaseSettings):
+    """Service settings; each one is also an environment variable `SKINSCAN_<NAME>` and a `serve` flag."""
+
+    model_config = SettingsConfigDict(env_prefix="SKINSCAN_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 for all interfaces")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each loads the model)")
+    model: Path | None = Field(None, description="ONNX model from `skinscan export` (default: the bundled model)")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per worker (default: all cores)")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body; larger gets 413")
+    max_pixels: int = Field(
+        MAX_PIXELS, ge=1, le=MAX_PIXELS, description="largest image (width x height) accepted; decompression bombs"
+    )
+    max_batch_items: int = Field(32, ge=1, le=1024, description="most images in one /v1/predict/batch request")
+    batch_window_ms: float = Field(2.0, ge=0, le=1000, description="how long the batcher waits for more requests")
+    max_batch_size: int = Field(8, ge=1, le=256, description="most images in one inference run")
+    api_key: SecretStr | None = Field(None, description="if set, /v1, /v2/models and /metrics need this key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS, comma-separated in the environment"
+    )
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="limit for one request, body included")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("the API key is empty: unset SKINSCAN_API_KEY to serve without auth, or set a key")
+        return value
+
+
+# ---------------------------------------------------------------- typed responses (also the OpenAPI schema)
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class PredictResponse(BaseModel):
+    """`Prediction.to_dict()` (without path/error) plus the model; fields Prediction gains later pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    probability: float
+    decision: Literal["refer", "monitor"]
+    threshold: float
+    advice: str
+    model: ModelInfo
+    timing_ms: dict[str, float]
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    probability: float | None = None
+    decision: Literal["refer", "monitor"] | None = None
+    threshold: float | None = None
+    advice: str | None = None
+    timing_ms: dict[str, float] | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    model: ModelInfo
+    results: list[BatchItem]
+    timing_ms: dict[str, float]
+
+
+# ---------------------------------------------------------------- errors: one place maps them to HTTP
+class ApiError(Exception):
+    """A client-facing error: HTTP status, a stable machine-readable code and a message saying how to fix it."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _too_many_pixels(width: int, height: int, limit: int) -> ApiError:
+    return ApiError(
+        422,
+        "too_many_pixels",
+        f"image is {width}x{height} = {width * height:,} pixels, more than this server's limit of {limit:,}; "
+        "send a smaller photo",
+    )
+
+
+def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    """Every error response is built here: {error: {code, message}} with the matching HTTP status."""
+    headers = None
+    if isinstance(exc, ApiError):
+        status, code, message, headers = exc.status, exc.code, exc.message, exc.headers
+    elif isinstance(exc, InvalidImage):
+        status, code, message = 422, "invalid_image", str(exc)
+    elif isinstance(exc, RequestValidationError):
+        status, code, message = 422, "invalid_request", str(exc.errors())[:500]
+    elif isinstance(exc, StarletteHTTPException):
+        status = exc.status_code
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        headers = getattr(exc, "headers", None)
+    else:  # a bug, not the client's fault: say so without leaking internals
+        rid = getattr(request.state, "request_id", "-")
+        log.error("request %s failed: %s", rid, type(exc).__name__, exc_info=exc)
+        status, code, message = 500, "internal", f"internal error (request id {rid}); the operators can see the log"
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(code).inc()
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message)).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------- metrics
+class _Metrics:
+    """Prometheus metrics in a registry of their own (one per app, so tests can build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("skinscan_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.errors = Counter("skinscan_errors", "error responses by error code", ["code"], registry=r)
+        self.latency = Histogram(
+            "skinscan_request_seconds",
+            "request latency",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.images = Counter("skinscan_images", "images predicted, by outcome", ["outcome"], registry=r)
+        self.batch_size = Histogram(
+            "skinscan_batch_size", "images per inference run", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.inference = Histogram(
+            "skinscan_batch_seconds",
+            "decode + inference time of one batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.ready = Gauge("skinscan_ready", "1 once the model is loaded and warmed up", registry=r)
+
+
+# ---------------------------------------------------------------- dynamic batching
+@dataclass
+class _Item:
+    data: bytes
+    future: asyncio.Future[Prediction]
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Gathers concurrent requests into one `Predictor.predict` call on a single inference thread.
+
+    A batch starts with the first queued image and takes whatever else is queued; while other requests
+    are still being parsed it waits up to `window_s` for them (never longer than needed: a lone request
+    runs at once). The event loop only moves bytes and futures.
+    """
+
+    def __init__(self, predictor: Predictor, *, max_batch_size: int, window_s: float, metrics: _Metrics) -> None:
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.window_s = window_s
+        self.metrics = metrics
+        self.parsing = 0  # requests read but not yet queued: worth waiting for
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="skinscan-infer")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="skinscan-batcher")
+
+    async def close(self) -> None:
+        """Finish every queued image, then stop (graceful shutdown)."""
+        self._closing = True
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, data: bytes) -> Prediction:
+        if self._closing:
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+        item = _Item(data, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(item)
+        return await item.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_batch_size:
+                if not self._queue.empty():
+                    item = self._queue.get_nowait()
+                elif self.parsing > 0 and (wait := deadline - loop.time()) > 0:
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), wait)
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    break
+                if item is None:  # closing: run this batch, then stop
+                    stop = True
+                    break
+                batch.append(item)
+            live = [it for it in batch if not it.future.done()]  # a timed-out request cancels its future
+            if live:
+                await self._infer(loop, live)
+
+    async def _infer(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            preds = await loop.run_in_executor(self._executor, self._predict, [it.data for it in items])
+        except Exception as exc:
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.inference.observe(time.perf_counter() - started)
+        for it, pred in zip(items, preds, strict=True):
+            if not it.future.done():
+                it.future.set_result(pred)
+
+    def _predict(self, datas: list[bytes]) -> list[Prediction]:
+        try:
+            return self.predictor.predict(datas, batch_size=len(datas))
+        except Exception as exc:
+            # Decoding is expected to raise only InvalidImage; if a malformed file trips something else,
+            # find the culprit so that one bad image cannot fail its neighbours.
+            log.warning("batch of %d failed (%s); predicting its images one by one", len(datas), type(exc).__name__)
+        return [self._predict_one(d) for d in datas]
+
+    def _predict_one(self, data: bytes) -> Prediction:
+        try:
+            return self.predictor.predict([data])[0]
+        except Exception as exc:
+            try:  # decode only: if this fails too, the image is at fault, not the server
+                load_pixels(data, self.predictor.spec)
+            except Exception as decode_exc:
+                log.warning("undecodable image raised %s (not InvalidImage)", type(decode_exc).__name__)
+                return Prediction(
+                    None,
+                    None,
+                    None,
+                    self.predictor.threshold,
+                    error=f"cannot read the image ({type(decode_exc).__name__}); send a JPEG, PNG, WebP or HEIC photo",
+                )
+            raise exc from None
+
+
+# ---------------------------------------------------------------- decode: request -> image bytes
+def _b64decode(text: Any, where: str) -> bytes:
+    """Base64 with or without padding or line breaks, standard or URL-safe, optionally a data: URL."""
+    if not isinstance(text, str):
+        raise ApiError(400, "invalid_base64", f"{where} must be a base64 string, not {type(text).__name__}")
+    text = text.strip()
+    if text[:5].lower() == "data:":
+        head, comma, text = text.partition(",")
+        if not comma or ";base64" not in head.lower():
+            raise ApiError(
+                400, "invalid_base64", f"{where}: data: URLs must be base64, e.g. 'data:image/jpeg;base64,/9j/...'"
+            )
+        mime = head[5:].split(";", 1)[0].strip().lower()
+        if mime and not mime.startswith("image/"):
+            raise ApiError(415, "unsupported_media_type", f"{where}: data: URL type {mime!r} is not an image/* type")
+    compact = "".join(text.split()).rstrip("=")
+    if "-" in compact or "_" in compact:
+        compact = compact.translate(str.maketrans("-_", "+/"))
+    if len(compact) % 4 == 1:
+        raise ApiError(400, "invalid_base64", f"{where} is not valid base64 (its length is impossible)")
+    try:
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(
+            400, "invalid_base64", f"{where} is not valid base64 (characters outside A-Z a-z 0-9 + /)"
+        ) from None
+    if not data:
+        raise ApiError(400, "empty_image", f"{where} is empty: send the photo's file content, base64-encoded")
+    return data
+
+
+def _json_image(item: Any, where: str) -> bytes:
+    if isinstance(item, str):
+        return _b64decode(item, where)
+    if isinstance(item, dict):
+        for key in ("image", "input"):  # "input" is what the prototype's mobile clients send
+            if key in item:
+                return _b64decode(item[key], f"{where}.{key}")
+    raise ApiError(400, "missing_image", f'{where}: expected {{"image": "<base64>"}} (or "input" for older clients)')
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", 'the body is not valid JSON; send {"image": "<base64>"}') from None
+
+
+def _parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
+    """(field name, content) of each part, parsed in memory (Starlette would spool large files to disk)."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(
+            400, "invalid_multipart", "multipart/form-data without a boundary: let the client library set it"
+        )
+    parts: list[tuple[str, bytes]] = []
+    state: dict[str, Any] = {}
+
+    def on_part_begin() -> None:
+        state.update(headers={}, field=b"", value=b"", data=bytearray())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        state["data"] += data[start:end]
+
+    def on_part_end() -> None:
+        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        parts.append((disp.get(b"name", b"").decode("latin-1"), bytes(state["data"])))
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, ValueError) as exc:
+        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed ({exc})") from None
+    if parser.state != MultipartState.END:
+        raise ApiError(400, "invalid_multipart", "the multipart body is truncated (no closing boundary)")
+    return parts
+
+
+def _check_pixels(data: bytes, max_pixels: int) -> None:
+    """Refuse images over the pixel limit from their header, before anything decodes them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        raise ApiError(422, "too_many_pixels", f"image has more than {2 * MAX_PIXELS:,} pixels; refused") from None
+    except Exception:  # not readable as an image: the Predictor reports why, in its own words
+        return
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+
+
+def _images_from_body(body: bytes, content_type: str, *, batch: bool, max_items: int) -> list[bytes | ApiError]:
+    """The request's images (or, in a batch, a per-item error) from one of the three accepted shapes."""
+    mime = _check_content_type(content_type)
+    if mime == "application/json" or mime.endswith("+json"):
+        doc = _parse_json(body)
+        if batch:
+            items = doc.get("images") if isinstance(doc, dict) else doc
+            if not isinstance(items, list):
+                raise ApiError(400, "missing_image", 'expected {"images": ["<base64>", ...]} or a JSON list')
+            _check_count(len(items), max_items)
+            return [_catch(_json_image, it, f"images[{i}]") for i, it in enumerate(items)]
+        if not isinstance(doc, dict):
+            raise ApiError(400, "missing_image", 'expected a JSON object {"image": "<base64>"}')
+        return [_json_image(doc, "body")]
+    if mime == "multipart/form-data":
+        parts = _parse_multipart(body, content_type)
+        wanted = ("file", "files") if batch else ("file",)
+        files = [data for name, data in parts if name in wanted]
+        if not files:
+            raise ApiError(400, "missing_image", "multipart upload without a 'file' field: send the photo as 'file'")
+        if batch:
+            _check_count(len(files), max_items)
+        elif len(files) > 1:
+            raise ApiError(400, "too_many_images", "one 'file' per request here; use /v1/predict/batch for several")
+        return [d if d else ApiError(400, "empty_image", "the uploaded file is empty (0 bytes)") for d in files]
+    _check_content_type(content_type)
+    return [body]  # a raw image/* body
+
+
+def _check_content_type(content_type: str) -> str:
+    """The body's MIME type if the service accepts it, else 415 with what to send instead."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if (
+        mime in ("application/json", "multipart/form-data", "application/octet-stream")
+        or mime.endswith("+json")
+        or (mime.startswith("image/") and len(mime) > 6)
+    ):
+        return mime
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"content type {mime or '(none)'!r} is not accepted: send application/json "
+        '{"image": "<base64>"}, multipart/form-data with a \'file\' field, or the raw photo as image/jpeg etc.',
+    )
+
+
+def _check_count(n: int, max_items: int) -> None:
+    if n == 0:
+        raise ApiError(400, "missing_image", "the batch is empty: send at least one image")
+    if n > max_items:
+        raise ApiError(400, "too_many_images", f"{n} images in one batch; this server accepts at most {max_items}")
+
+
+def _catch(fn: Callable[..., bytes], *args: Any) -> bytes | ApiError:
+    try:
+        return fn(*args)
+    except ApiError as exc:
+        return exc
+
+
+# ---------------------------------------------------------------- encode: Prediction -> JSON
+def _encode(pred: Prediction, extra_timing: dict[str, float]) -> dict[str, Any]:
+    body = pred.to_dict()
+    body.pop("path", None)  # file names can carry patient names: never echoed
+    body.pop("error", None)
+    body.pop("logit", None)
+    body["timing_ms"] = {**body.pop("timings_ms", {}), **{k: round(v, 3) for k, v in extra_timing.items()}}
+    return body
+
+
+def _as_error(pred: Prediction) -> ApiError:
+    return ApiError(422, "invalid_image", pred.error or "the image could not be read")
+
+
+# ---------------------------------------------------------------- request plumbing
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it exceeds `limit` (declared or actual), before any parsing."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise _body_too_large(int(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _body_too_large(len(body), limit)
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty: send an image (JSON, multipart or raw)")
+    return bytes(body)
+
+
+def _body_too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413, "body_too_large", f"request body of {size:,}+ bytes exceeds this server's limit of {limit:,} bytes"
+    )
+
+
+async def _within(coro: Awaitable[_T], seconds: float, on_timeout: ApiError) -> _T:
+    try:
+        return await asyncio.wait_for(coro, max(seconds, 0.001))
+    except asyncio.TimeoutError:
+        raise on_timeout from None
+
+
+def _request_id(scope_headers: Sequence[tuple[bytes, bytes]]) -> str:
+    for key, value in scope_headers:
+        if key == b"x-request-id" and 0 < len(value) <= 64 and value.isascii() and value.decode().isprintable():
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+class _RequestLog:
+    """ASGI middleware: request id (X-Request-ID in and out), one log line and metrics per request."""
+
+    _ROUTES = frozenset(
+        {"/v1/predict", "/v1/predict/batch", "/v2", "/v2/health/live", "/v2/health/ready", "/metrics"}
+        | {f"/v2/models/{MODEL_ROUTE_NAME}", f"/v2/models/{MODEL_ROUTE_NAME}/ready"}
+    )
+
+    def __init__(self, app: Any, metrics: _Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = _request_id(scope.get("headers", []))
+        scope.setdefault("state", {})["request_id"] = rid
+        started, status, received = time.perf_counter(), 500, 0
+
+        async def counting_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope["path"] if scope["path"] in self._ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(seconds)
+            log.info("%s %s %s %d %dB %.1fms", rid, scope["method"], route, status, received, seconds * 1000)
+
+
+@dataclass
+class _State:
+    settings: Settings
+    metrics: _Metrics
+    predictor: Predictor | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    pool: ThreadPoolExecutor | None = None
+
+
+def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
+    """One batch of 1 and one of the largest size: proves the model runs and sizes ONNX Runtime's buffers."""
+    buf = io.BytesIO()
+    Image.new("RGB", (predictor.spec.size, predictor.spec.size), (180, 140, 120)).save(buf, "PNG")
+    for n in sorted({1, max_batch_size}):
+        preds = predictor.predict([buf.getvalue()] * n, batch_size=n)
+        bad = [p for p in preds if not p.ok or p.probability is None or not math.isfinite(p.probability)]
+        if bad:
+            raise RuntimeError(f"warm-up inference failed: {bad[0].error or bad[0].probability}")
+
+
+# ---------------------------------------------------------------- the app
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "description": "base64 image or data:image/...;base64, URL"},
+                        "input": {"type": "string", "description": "same as image (prototype clients)"},
+                    },
+                }
+            },
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": {"type": "string"}}},
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+        },
+    }
+}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 503)}
+
+
+def create_app(settings: Settings | None = None, *, predictor: Predictor | None = None) -> FastAPI:
+    """The FastAPI app. The model loads (or `predictor` is adopted) and warms up in the lifespan start-up."""
+    settings = settings or Settings()
+    metrics = _Metrics()
+    state = _State(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        state.pool = ThreadPoolExecutor(thread_name_prefix="skinscan-parse")
+        state.predictor = predictor or await loop.run_in_executor(
+            None, lambda: Predictor(settings.model, threads=settings.threads)
+        )
+        await loop.run_in_executor(None, _warm_up, state.predictor, settings.max_batch_size)
+        state.batcher = Batcher(
+            state.predictor,
+            max_batch_size=settings.max_batch_size,
+            window_s=settings.batch_window_ms / 1000,
+            metrics=metrics,
+        )
+        state.batcher.start()
+        state.ready = True
+        metrics.ready.set(1)
+        info = state.predictor.info()
+        log.info("model %s %s (sha256 %s) ready", info["name"], info["version"], info["sha256"][:12])
+        try:
+            yield
+        finally:
+            state.ready = False
+            metrics.ready.set(0)
+            await state.batcher.close()  # in-flight requests already finished; drain anything left
+            state.pool.shutdown(wait=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="skinscan",
+        version=__version__,
+        description="Malignancy-risk screening of skin-lesion photos. A screening aid, not a diagnosis.",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.service = state
+    for exc_type in (ApiError, InvalidImage, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, _error_response)  # type: ignore[arg-type]
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_middleware(_RequestLog, metrics=metrics)  # outermost: it sees every response, CORS ones included
+
+    def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not given and scheme.lower() == "bearer":
+            given = token.strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def service() -> tuple[Predictor, Batcher]:
+        if not state.ready or state.predictor is None or state.batcher is None:
+            raise ApiError(503, "not_ready", "the model is not loaded yet; retry when /v2/health/ready says 200")
+        return state.predictor, state.batcher
+
+    async def take_images(request: Request, *, batch: bool) -> tuple[list[bytes | ApiError], float]:
+        """Read (with the size limit) and decode the body in the parse pool; returns images and the deadline."""
+        started = time.perf_counter()
+        deadline = started + settings.request_timeout_s
+        _, batcher = service()
+        content_type = request.headers.get("content-type", "")
+        _check_content_type(content_type)  # before reading a body we would refuse anyway
+        body = await _within(
+            _read_body(request, settings.max_body_bytes),
+            deadline - time.perf_counter(),
+            ApiError(408, "request_timeout", f"the body did not arrive within {settings.request_timeout_s:g} s"),
+        )
+        batcher.parsing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            images = await loop.run_in_executor(
+                state.pool,
+                lambda: [
+                    _catch(_checked, im, settings.max_pixels) if isinstance(im, bytes) else im
+                    for im in _images_from_body(body, content_type, batch=batch, max_items=settings.max_batch_items)
+                ],
+            )
+        finally:
+            batcher.parsing -= 1
+        return images, deadline
+
+    async def predict_all(images: list[bytes | ApiError], deadline: float) -> list[Prediction | ApiError]:
+        _, batcher = service()
+        timeout = ApiError(
+            503, "timeout", f"no answer within {settings.request_timeout_s:g} s: the server is busy, retry later"
+        )
+
+        async def one(im: bytes | ApiError) -> Prediction | ApiError:
+            return im if isinstance(im, ApiError) else await batcher.submit(im)
+
+        return await _within(asyncio.gather(*(one(im) for im in images)), deadline - time.perf_counter(), timeout)
+
+    protected = [Depends(require_key)]
+
+    @app.post(
+        "/v1/predict",
+        summary="Predict one photo (JSON base64, multipart 'file', or raw image/* body)",
+        response_model=PredictResponse,
+        responses=_ERRORS,  # type: ignore[arg-type]
+        openapi_extra=_PREDICT_BODY,
+        dependencies=protected,
+    )
+    async def predict(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        images, deadline = await take_images(request, batch=False)
+        (result,) = await predict_all(images, deadline)
+        if isinstance(result, ApiError):
+            raise result
+        if not result.ok:
+            raise _as_error(result)
+        predictor, _ = service()
+        metrics.images.labels("ok").inc()
+        body = _encode(result, {"total": (time.perf_counter() - started) * 1000})
+        body["model"] = predictor.info()
+        return JSONResponse(PredictResponse(**body).model_dump())
+
+    @app.post(
+        "/v1/predict/batch",
+        summary="Predict several photos: JSON {'images': [...]} or multipart 'file' fields; per-item errors",
+        response_model=BatchResponse,
+        responses=_ERRORS,  # type: ignore[arg-type]
+        openapi_extra=_BATCH_BODY,
+        dependencies=protected,
+    )
+    async def predict_batch(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        images, deadline = await take_images(request, batch=True)
+        results = await predict_all(images, deadline)
+        items = []
+        for i, r in enumerate(results):
+            err = r if isinstance(r, ApiError) else (None if r.ok else _as_error(r))
+            if err is not None:
+                metrics.images.labels("error").inc()
+                metrics.errors.labels(err.code).inc()
+                items.append({"index": i, "error": {"code": err.code, "message": err.message}})
+            else:
+                metrics.images.labels("ok").inc()
+                items.append({"index": i, **_encode(r, {})})
+        predictor, _ = service()
+        timing = {"total": round((time.perf_counter() - started) * 1000, 3)}
+        return JSONResponse(
+            BatchResponse(model=predictor.info(), results=items, timing_ms=timing).model_dump(exclude_none=True)
+        )
+
+    @app.get("/v2/health/live", summary="KServe v2 liveness: the process answers")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="KServe v2 readiness: model loaded and warm-up inference passed")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+    @app.get("/v2", summary="KServe v2 server metadata")
+    async def server_metadata() -> dict:
+        return {"name": "skinscan", "version": __version__, "extensions": []}
+
+    @app.get(f"/v2/models/{MODEL_ROUTE_NAME}", summary="KServe v2 model metadata", dependencies=protected)
+    async def model_metadata() -> dict:
+        predictor, _ = service()
+        card = predictor.card
+        return {
+            "name": MODEL_ROUTE_NAME,
+            "versions": [card.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "probability", "datatype": "FP64", "shape": [-1]},
+                {"name": "decision", "datatype": "BYTES", "shape": [-1]},
+            ],
+            "model": predictor.info(),
+            "threshold": card.threshold,
+            "preprocessing": card.spec.to_dict(),
+            "intended_use": card.intended_use,
+        }
+
+    @app.get(f"/v2/models/{MODEL_ROUTE_NAME}/ready", summary="KServe v2 model readiness", dependencies=protected)
+    async def model_ready() -> JSONResponse:
+        return JSONResponse({"name": MODEL_ROUTE_NAME, "ready": state.ready}, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", dependencies=protected)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _checked(data: bytes, max_pixels: int) -> bytes:
+    _check_pixels(data, max_pixels)
+    return data
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory for several workers: each worker process reads `SKINSCAN_*` and loads its model."""
+    return create_app(Settings())
