@@ -1,5 +1,5 @@
 """Training-time augmentation presets (albumentations), applied to the uint8 pixels that
-`preprocess.load_pixels` returns and before `preprocess.normalise`."""
+`preprocess.load_pixels` returns and before `preprocess.normalise` (which applies colour constancy)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,63 @@ from collections.abc import Callable
 
 import numpy as np
 
+PRESETS = ("none", "standard", "phone")
 
-def build_augment(preset: str, size: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
-    """Return `aug(pixels, rng) -> pixels` for the named preset ('none' or 'standard')."""
-    if preset == "none":
-        return lambda pixels, rng: pixels
-    if preset != "standard":
-        raise ValueError(f"unknown augmentation preset {preset!r}")
+
+def _geometric(size: int, phone: bool) -> list:
+    import albumentations as A
+    import cv2
+
+    ops = [
+        A.RandomResizedCrop(size=(size, size), scale=(0.55, 1.0), ratio=(0.8, 1.25), p=1.0),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.Affine(rotate=(-30, 30), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+    ]
+    if phone:
+        ops += [
+            # zoom out: the lesion becomes small inside a larger field of (edge-extended) skin, as in a phone frame
+            A.Affine(scale=(0.45, 1.0), border_mode=cv2.BORDER_REPLICATE, p=0.4),
+            A.Perspective(scale=(0.02, 0.08), p=0.3),
+        ]
+    return ops
+
+
+def _photometric(phone: bool) -> list:
     import albumentations as A
 
-    pipeline = A.Compose(
-        [
-            A.RandomResizedCrop(size=(size, size), scale=(0.55, 1.0), ratio=(0.8, 1.25), p=1.0),
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomRotate90(p=0.5),
-            A.Affine(rotate=(-30, 30), border_mode=2, p=0.5),  # cv2.BORDER_REFLECT
+    if not phone:
+        return [
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.8),
             A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 7))], p=0.2),
             A.GaussNoise(std_range=(0.01, 0.05), p=0.2),
             A.ImageCompression(quality_range=(50, 95), p=0.3),
-        ],
-        seed=None,
-    )
+        ]
+    return [
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.6),
+        A.PlanckianJitter(p=0.3),  # white balance of another light source
+        A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.4),  # exposure
+        A.RandomGamma(gamma_limit=(70, 140), p=0.3),
+        A.RandomShadow(p=0.15),
+        A.RandomSunFlare(src_radius=60, num_flare_circles_range=(1, 3), p=0.05),  # glare
+        A.OneOf([A.Defocus(radius=(1, 3)), A.MotionBlur(blur_limit=(3, 9)), A.GaussianBlur(blur_limit=(3, 7))], p=0.35),
+        A.OneOf([A.ISONoise(), A.GaussNoise(std_range=(0.02, 0.08))], p=0.3),
+        A.Downscale(scale_range=(0.4, 0.9), p=0.2),
+        A.ImageCompression(quality_range=(30, 92), p=0.5),
+    ]
+
+
+def build_augment(preset: str, size: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """Return `aug(pixels, rng) -> pixels` for a preset in PRESETS."""
+    if preset == "none":
+        return lambda pixels, rng: pixels
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    import albumentations as A
+
+    phone = preset == "phone"
+    pipeline = A.Compose([*_geometric(size, phone), *_photometric(phone)], seed=None)
 
     def aug(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         pipeline.set_random_seed(int(rng.integers(2**31 - 1)))

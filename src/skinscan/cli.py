@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set or [])
     if args.data:
-        overrides["data"] = str(_resolve(args, args.data))
+        overrides["data"] = [str(_resolve(args, d)) for d in args.data]
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = load_config(args.config, overrides)
@@ -143,12 +143,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export, record_test_metrics
+    from .export import export, record_test_metrics, validation_image_paths
 
     run = Path(args.run)
-    data_info = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
-    check = [Path(data_info["dataset"]) / k for k in data_info.get("val_keys", [])[:32]]
-    check = [p for p in check if p.is_file()] or None
+    check = validation_image_paths(run) or None
     path = export(run, args.out, name=args.name, version_tag=args.version, check_images=check)
     print(f"wrote {path} and {path.with_suffix('.card.json')}")
     if args.test:
@@ -254,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune the network (needs skinscan[train])",
         description="Fine-tune EfficientNet-Lite on a dataset. Defaults: src/skinscan/defaults.yaml.",
     )
-    p.add_argument("--data", help="dataset folder, labels CSV, or a name under the data root (e.g. isic-mvb)")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="dataset folder, labels CSV, or a name under the data root (e.g. isic-mvb); repeat to train on several",
+    )
     p.add_argument("--out", required=True, help="run folder for checkpoints, history and calibration")
     p.add_argument("--config", help="YAML file of settings (keys as in defaults.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set lr=3e-4")

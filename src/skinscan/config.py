@@ -3,15 +3,17 @@ validates them, applies overrides and rejects unknown keys with a suggestion."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .preprocess import PreprocessSpec
 
 
 class TrainConfig(BaseModel):
@@ -19,13 +21,22 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str | None = None
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    data: list[str] | None = None
+    source_weights: dict[str, float] | None = None
+    exclude_patients: str | None = None
+    folds: int | None = Field(default=None, ge=2, le=20)
     val_fraction: float = Field(gt=0.0, lt=0.5)
     seed: int
     limit: int | None = Field(default=None, gt=0)
     arch: Literal["efficientnet-lite0", "efficientnet-lite1"]
     image_size: int = Field(ge=64, le=512)
     dropout: float = Field(ge=0.0, lt=1.0)
+    color_constancy: Literal["none", "shades-of-gray"]
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0.0)
@@ -33,10 +44,15 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(ge=0.0)
     label_smoothing: float = Field(ge=0.0, lt=0.5)
     patience: int = Field(ge=1)
-    augment: Literal["none", "standard"]
+    augment: Literal["none", "standard", "phone"]
     workers: int = Field(ge=0)
+    device: Literal["cpu", "cuda", "auto"]
     threads: int | None = Field(default=None, ge=1)
     target_sensitivity: float = Field(gt=0.5, le=1.0)
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The preprocessing these settings train with; export copies it into the model card."""
+        return PreprocessSpec(size=self.image_size, color_constancy=self.color_constancy)
 
 
 def default_values() -> dict[str, Any]:
@@ -52,7 +68,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not of the form key=value, e.g. --set epochs=10")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,15 +242,35 @@ def without_leaks(test: Sequence[Record], train: Sequence[Record]) -> list[Recor
     return [r for r in test if r.group not in train_groups]
 
 
+def _strata(records: Sequence[Record]) -> np.ndarray:
+    # stratify by source and label together, so each source keeps its class balance on both sides
+    return np.array([f"{r.source}:{r.label}" for r in records])
+
+
 def grouped_split(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Stratified train/validation split that keeps each group (patient, near-duplicates) on one side."""
+    n_splits = max(2, round(1 / val_fraction))
+    return next(grouped_kfold(records, n_splits, seed))
+
+
+def grouped_kfold(records: Sequence[Record], k: int, seed: int) -> Iterator[tuple[list[Record], list[Record]]]:
+    """K (train, validation) pairs; each group lies in exactly one validation fold."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = max(2, round(1 / val_fraction))
-    labels = np.array([r.label for r in records])
-    groups = np.array([r.group for r in records])
-    if min(np.bincount(labels, minlength=2)) < n_splits:
-        raise DatasetError(f"too few images of one class to hold out {val_fraction:.0%} for validation")
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(splitter.split(np.zeros(len(records)), labels, groups))
-    return [records[i] for i in train_idx], [records[i] for i in val_idx]
+    strata = _strata(records)
+    _, counts = np.unique(strata, return_counts=True)
+    if len(records) == 0 or counts.min() < k:
+        raise DatasetError(f"too few images of one class or source to make {k} grouped folds")
+    groups = np.array([f"{r.source}/{r.group}" for r in records])  # groups never merge across datasets
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for train_idx, val_idx in splitter.split(np.zeros(len(records)), strata, groups):
+        yield [records[i] for i in train_idx], [records[i] for i in val_idx]
+
+
+def read_patient_list(path: str | Path) -> set[str]:
+    """Patient ids, one per line; `#` starts a comment."""
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"patient list {p} does not exist")
+    lines = (line.split("#", 1)[0].strip() for line in p.read_text(encoding="utf-8").splitlines())
+    return {line for line in lines if line}

@@ -11,10 +11,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .card import CARD_FORMAT, INTENDED_USE, write_card
-from .config import TrainConfig
+from .config import TrainConfig, load_config
 from .errors import ModelLoadError, SkinscanError
 
 try:
@@ -27,7 +26,7 @@ except ImportError as exc:  # pragma: no cover
 import contextlib
 
 from .model import WEIGHTS_LICENCE, LesionNet
-from .preprocess import PreprocessSpec, load_pixels, normalise
+from .preprocess import load_pixels, normalise
 
 PARITY_TOLERANCE = 1e-4
 DATA_LICENCES = {
@@ -52,7 +51,7 @@ def load_run_model(run: Path) -> tuple[LesionNet, TrainConfig]:
     run = Path(run)
     if not (run / "best.pt").is_file() or not (run / "config.yaml").is_file():
         raise ModelLoadError(f"{run} is not a finished training run (needs best.pt and config.yaml)")
-    cfg = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = load_config(run / "config.yaml")  # defaults fill keys added after the run was made
     net = LesionNet(cfg.arch, cfg.dropout, pretrained=False, image_size=cfg.image_size)
     net.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"])
     return net.eval(), cfg
@@ -73,6 +72,26 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
     return out
+
+
+def validation_image_paths(run: Path, limit: int = 32) -> list[Path]:
+    """Paths of (up to `limit`) validation images of a run, for the export parity check."""
+    info = json.loads((Path(run) / "data.json").read_text())
+    cfg = load_config(Path(run) / "config.yaml")
+    roots = {}
+    for d in cfg.data or []:
+        p = Path(d)
+        roots[(p.parent if p.suffix.lower() == ".csv" else p).name] = p.parent if p.suffix.lower() == ".csv" else p
+    paths = []
+    for key in info.get("val_keys", []):
+        source, _, rel = key.partition("/")
+        if source in roots and (roots[source] / rel).is_file():
+            paths.append(roots[source] / rel)
+        elif "dataset" in info and (Path(info["dataset"]) / key).is_file():  # runs made before multi-source
+            paths.append(Path(info["dataset"]) / key)
+        if len(paths) >= limit:
+            break
+    return paths
 
 
 def parity_check(onnx_path: Path, net: LesionNet, batch: np.ndarray) -> float:
@@ -99,7 +118,7 @@ def export(
     """Write `<out_dir>/<name>.onnx` (card inside) and `<name>.card.json`; returns the ONNX path."""
     run, out_dir = Path(run), Path(out_dir)
     net, cfg = load_run_model(run)
-    spec = PreprocessSpec(size=cfg.image_size)
+    spec = cfg.preprocess_spec()
     calibration = json.loads((run / "calibration.json").read_text())
     data_info = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +150,7 @@ def export(
     if (run / "history.csv").is_file():
         with (run / "history.csv").open() as fh:
             history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-    source = Path(data_info.get("dataset", "")).name
+    sources = sorted(data_info.get("per_source", {})) or [Path(d).name for d in cfg.data or []]
     card = {
         "format": CARD_FORMAT,
         "name": name,
@@ -147,7 +166,11 @@ def export(
             f"sensitivity >= {calibration['target_sensitivity']}"
         ),
         "intended_use": INTENDED_USE,
-        "metrics": {"validation": calibration["validation"]},
+        "metrics": {
+            "validation": calibration["validation"],
+            "validation_per_source": calibration.get("validation_per_source", {}),
+        },
+        "threshold_per_source": calibration.get("threshold_per_source", {}),
         "training": {
             "config": cfg.model_dump(),
             "best_epoch": calibration["best_epoch"],
@@ -158,7 +181,7 @@ def export(
         "licences": {
             "code": "Apache-2.0",
             "weights": WEIGHTS_LICENCE,
-            "data": {source: DATA_LICENCES.get(source, "see the dataset's own terms")},
+            "data": {s: DATA_LICENCES.get(s, "see the dataset's own terms") for s in sources},
         },
         "packages": _versions(),
     }

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 
 def sigmoid(z: np.ndarray | float) -> np.ndarray:
@@ -15,6 +14,8 @@ def sigmoid(z: np.ndarray | float) -> np.ndarray:
 
 
 def roc_auc(y: Sequence[int], p: Sequence[float]) -> float:
+    from sklearn.metrics import roc_auc_score  # lazy: serving imports this module and must stay light
+
     y = np.asarray(y)
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
@@ -67,7 +68,8 @@ def threshold_for_sensitivity(y: Sequence[int], p: Sequence[float], target: floa
     pos = np.sort(p[y == 1])[::-1]
     if len(pos) == 0:
         raise ValueError("no positive cases: cannot choose a sensitivity-based threshold")
-    k = int(np.ceil(target * len(pos)))  # need at least k positives at or above t
+    n = len(pos)
+    k = int(np.argmax(np.arange(1, n + 1) / n >= target)) + 1  # fewest positives at or above t (exact ratios)
     return float(pos[k - 1])
 
 
@@ -104,6 +106,8 @@ def bootstrap_auc_ci(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval for ROC AUC, resampling whole groups (patients) when given."""
+    from sklearn.metrics import roc_auc_score
+
     y, p = np.asarray(y), np.asarray(p, dtype=float)
     rng = np.random.default_rng(seed)
     if groups is None:
@@ -131,6 +135,8 @@ def binary_metrics(
     n_boot: int = 1000,
 ) -> BinaryMetrics:
     """Discrimination, calibration and the confusion matrix at `threshold` (predict malignant if p >= t)."""
+    from sklearn.metrics import average_precision_score, brier_score_loss
+
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     pred = p >= threshold
     tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())

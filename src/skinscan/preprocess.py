@@ -44,6 +44,7 @@ class PreprocessSpec:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize: str = "shorter-side-then-center-crop"
     interpolation: str = "bilinear"
+    color_constancy: str = "none"  # or "shades-of-gray"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +57,7 @@ class PreprocessSpec:
             std=tuple(float(v) for v in d["std"]),
             resize=str(d.get("resize", cls.resize)),
             interpolation=str(d.get("interpolation", cls.interpolation)),
+            color_constancy=str(d.get("color_constancy", cls.color_constancy)),
         )
 
 
@@ -130,7 +132,8 @@ def decode_image(source: ImageSource, *, min_side: int | None = None, max_pixels
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError, MemoryError) as exc:
+        # Pillow raises OSError/SyntaxError/ValueError; pillow-heif EOFError and RuntimeError (its limits)
         raise InvalidImage(f"the image data is damaged or truncated ({exc})") from None
 
 
@@ -149,8 +152,29 @@ def resize_for_model(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def shades_of_gray(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004) on uint8 HWC or NHWC pixels.
+
+    Estimates the illuminant per image as the Minkowski p-norm mean of each channel and rescales the
+    channels so that the illuminant becomes neutral grey: a phone's white balance stops mattering.
+    """
+    x = pixels.astype(np.float32)
+    axes = (-3, -2)
+    illuminant = np.power(np.mean(np.power(x, power), axis=axes, keepdims=True), 1.0 / power)
+    illuminant = np.maximum(illuminant, 1e-3)
+    gain = illuminant.mean(axis=-1, keepdims=True) / illuminant
+    return np.clip(x * gain, 0.0, 255.0)
+
+
 def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW) scaled as the weights expect."""
+    """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW): colour constancy if the spec asks, then scaling.
+
+    Training calls this after augmentation, prediction right after `load_pixels`: the same code path.
+    """
+    if spec.color_constancy == "shades-of-gray":
+        pixels = shades_of_gray(pixels)
+    elif spec.color_constancy != "none":
+        raise ValueError(f"unknown colour constancy {spec.color_constancy!r}")
     mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
     std = np.asarray(spec.std, dtype=np.float32) * 255.0
     out = (pixels.astype(np.float32) - mean) / std

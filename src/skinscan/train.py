@@ -19,8 +19,8 @@ import numpy as np
 import yaml
 
 from . import metrics
-from .config import TrainConfig
-from .data import Record, drop_exact_duplicates, grouped_split, load_dataset
+from .config import TrainConfig, load_config
+from .data import Record, drop_exact_duplicates, grouped_kfold, grouped_split, load_dataset, read_patient_list
 from .errors import ConfigError, DatasetError
 from .preprocess import PreprocessSpec, load_pixels, normalise
 
@@ -55,39 +55,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_split(cfg: TrainConfig) -> tuple[list[Record], list[Record], dict]:
-    """Training records of `cfg.data` (its `train` split if it has one), de-duplicated and split."""
+def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
+    """Every training record of `cfg.data` (each dataset's `train` split if it has one), de-duplicated,
+    without the excluded patients (the locked box)."""
     if not cfg.data:
         raise ConfigError("no training data: pass --data DATASET (e.g. ../shared/datasets/isic-mvb)")
-    root = Path(cfg.data)
-    has_train_split = root.is_dir() and (root / "train").is_dir()
-    records = load_dataset(root, split="train" if has_train_split else None)
+    records: list[Record] = []
+    for d in cfg.data:
+        root = Path(d)
+        has_train_split = root.is_dir() and (root / "train").is_dir()
+        records += load_dataset(root, split="train" if has_train_split else None)
+    n_excluded = 0
+    if cfg.exclude_patients:
+        excluded = read_patient_list(cfg.exclude_patients)
+        kept = [r for r in records if r.patient not in excluded]
+        n_excluded, records = len(records) - len(kept), kept
     records, n_dupes = drop_exact_duplicates(records)
     if cfg.limit:
         rng = np.random.default_rng(cfg.seed)
         records = [records[i] for i in sorted(rng.permutation(len(records))[: cfg.limit])]
-    train, val = grouped_split(records, cfg.val_fraction, cfg.seed)
-    digest = hashlib.sha256("\n".join(sorted(f"{r.key}:{r.md5 or ''}" for r in records)).encode()).hexdigest()
+    if cfg.source_weights:
+        unknown = set(cfg.source_weights) - {r.source for r in records}
+        if unknown:
+            raise ConfigError(
+                f"source_weights names unknown source(s) {sorted(unknown)}; sources: "
+                f"{sorted({r.source for r in records})}"
+            )
+    digest = hashlib.sha256("\n".join(sorted(f"{r.source}/{r.key}:{r.md5 or ''}" for r in records)).encode())
     info = {
-        "dataset": str(root),
-        "split": "train" if has_train_split else None,
+        "datasets": list(cfg.data),
         "n_images": len(records),
+        "per_source": {s: sum(r.source == s for r in records) for s in sorted({r.source for r in records})},
         "exact_duplicates_dropped": n_dupes,
+        "excluded_patients_images": n_excluded,
+        "records_sha256": digest.hexdigest(),
+    }
+    return records, info
+
+
+def _split_info(train: list[Record], val: list[Record]) -> dict:
+    return {
         "n_train": len(train),
         "n_val": len(val),
         "n_train_malignant": sum(r.label for r in train),
         "n_val_malignant": sum(r.label for r in val),
-        "records_sha256": digest,
-        "val_keys": sorted(r.key for r in val),
+        "val_keys": sorted(f"{r.source}/{r.key}" for r in val),
     }
-    return train, val, info
 
 
-def _cache_pixels(records: list[Record], spec: PreprocessSpec, desc: str) -> np.ndarray:
+def _cache_pixels(records: list[Record], spec: PreprocessSpec, desc: str, progress: bool = True) -> np.ndarray:
     from tqdm.auto import tqdm
 
     out = np.empty((len(records), spec.size, spec.size, 3), dtype=np.uint8)
-    for i, r in enumerate(tqdm(records, desc=desc, unit="img", leave=False)):
+    for i, r in enumerate(tqdm(records, desc=desc, unit="img", leave=False, disable=not progress)):
         out[i] = load_pixels(r.path, spec)
     return out
 
@@ -112,61 +132,157 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
 @torch.inference_mode()
-def predict_logits(model: LesionNet, pixels: np.ndarray, spec: PreprocessSpec, batch_size: int = 64) -> np.ndarray:
+def predict_logits(
+    model: LesionNet, pixels: np.ndarray, spec: PreprocessSpec, batch_size: int = 64, device: str = "cpu"
+) -> np.ndarray:
+    """Logits of uint8 (N, S, S, 3) pixels through the shared `normalise`."""
     model.eval()
     out = []
     for i in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(normalise(pixels[i : i + batch_size], spec)).contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().numpy())
+        x = torch.from_numpy(normalise(pixels[i : i + batch_size], spec)).to(device)
+        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> RunResult:
-    """Fine-tune the network on `cfg.data`; writes everything into `out` and returns a summary."""
-    from tqdm.auto import tqdm
+def operating_point(logits: np.ndarray, y: np.ndarray, sources: list[str], groups: list[str], target: float) -> dict:
+    """Temperature on all validation images; threshold = the highest that keeps sensitivity >= target in
+    EVERY source (with >= 5 cancers), so one threshold serves archive and phone photos alike."""
+    temperature = metrics.fit_temperature(logits, y)
+    prob = metrics.sigmoid(logits / temperature)
+    src = np.array(sources)
+    per_source_thr = {}
+    for s in sorted(set(sources)):
+        m = src == s
+        if y[m].sum() >= 5:
+            per_source_thr[s] = metrics.threshold_for_sensitivity(y[m], prob[m], target)
+    threshold = min(per_source_thr.values()) if per_source_thr else metrics.threshold_for_sensitivity(y, prob, target)
+    g = np.array(groups)
+    per_source = {
+        s: metrics.binary_metrics(y[src == s], prob[src == s], threshold, list(g[src == s])).to_dict()
+        for s in sorted(set(sources))
+        if len(np.unique(y[src == s])) == 2
+    }
+    return {
+        "temperature": temperature,
+        "threshold": threshold,
+        "target_sensitivity": target,
+        "threshold_per_source": per_source_thr,
+        "validation": metrics.binary_metrics(y, prob, threshold, groups).to_dict(),
+        "validation_per_source": per_source,
+    }
 
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> RunResult:
+    """Fine-tune the network on `cfg.data`; writes everything into `out` and returns a summary.
+
+    With `cfg.folds = K`, trains K models on patient-grouped folds into `out/fold-k/` and writes the
+    out-of-fold predictions to `out/oof.csv`; the returned summary is then that of the last fold.
+    """
     run = Path(out)
-    last_ckpt = run / "last.pt"
-    if last_ckpt.exists() and not resume:
+    if (run / "config.yaml").exists() and not resume:
         raise ConfigError(f"{run} already holds a training run: pass --resume to continue it, or choose another --out")
-    if resume and not last_ckpt.exists():
-        raise ConfigError(f"nothing to resume: {last_ckpt} does not exist")
+    if resume and not (run / "config.yaml").exists():
+        raise ConfigError(f"nothing to resume in {run}")
     run.mkdir(parents=True, exist_ok=True)
     if resume:
-        saved = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
-        if saved.model_dump(exclude={"workers", "threads"}) != cfg.model_dump(exclude={"workers", "threads"}):
+        saved = load_config(run / "config.yaml")
+        ignore = {"workers", "threads", "device"}
+        if saved.model_dump(exclude=ignore) != cfg.model_dump(exclude=ignore):
             raise ConfigError(f"{run} was trained with other settings (see its config.yaml); resume with the same")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    spec = PreprocessSpec(size=cfg.image_size)
-    train_recs, val_recs, data_info = load_split(cfg)
+    records, data_info = load_training_records(cfg)
+
+    if not cfg.folds:
+        train_recs, val_recs = grouped_split(records, cfg.val_fraction, cfg.seed)
+        (run / "data.json").write_text(json.dumps({**data_info, **_split_info(train_recs, val_recs)}, indent=2))
+        return _fit(cfg, train_recs, val_recs, run, resume, progress)
+
+    (run / "data.json").write_text(json.dumps(data_info, indent=2))
+    rows, result = [], None
+    for k, (train_recs, val_recs) in enumerate(grouped_kfold(records, cfg.folds, cfg.seed)):
+        fold_dir = run / f"fold-{k}"
+        log.info("fold %d/%d: train %d, validation %d", k + 1, cfg.folds, len(train_recs), len(val_recs))
+        fold_dir.mkdir(exist_ok=True)
+        (fold_dir / "data.json").write_text(json.dumps({**data_info, **_split_info(train_recs, val_recs)}, indent=2))
+        done = (fold_dir / "calibration.json").exists()
+        result = _fit(
+            cfg, train_recs, val_recs, fold_dir, resume and (fold_dir / "last.pt").exists(), progress, skip_if_done=done
+        )
+        oof = np.load(fold_dir / "val_predictions.npz")
+        rows += [
+            {
+                "fold": k,
+                "source": r.source,
+                "key": r.key,
+                "patient": r.patient or "",
+                "label": r.label,
+                "logit": float(z),
+            }
+            for r, z in zip(val_recs, oof["logits"], strict=True)
+        ]
+    _write_csv(run / "oof.csv", rows)
+    return result
+
+
+def _fit(
+    cfg: TrainConfig,
+    train_recs: list[Record],
+    val_recs: list[Record],
+    run: Path,
+    resume: bool,
+    progress: bool,
+    skip_if_done: bool = False,
+) -> RunResult:
+    """Train one model on `train_recs`, early-stopped and calibrated on `val_recs`, into `run`."""
+    from tqdm.auto import tqdm
+
+    last_ckpt = run / "last.pt"
     if not train_recs or not val_recs:
         raise DatasetError("the split left no training or no validation images")
-    (run / "data.json").write_text(json.dumps(data_info, indent=2))
-    log.info("train %d images, validation %d", len(train_recs), len(val_recs))
-
-    train_px = _cache_pixels(train_recs, spec, "decode train")
-    val_px = _cache_pixels(val_recs, spec, "decode val")
-    y_train = np.array([r.label for r in train_recs], dtype=np.float32)
+    if skip_if_done:
+        cal = json.loads((run / "calibration.json").read_text())
+        return RunResult(run, cal["best_epoch"], cal["validation"]["auc"], cal["temperature"], cal["threshold"], 0, 0.0)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    spec = cfg.preprocess_spec()
+    val_px = _cache_pixels(val_recs, spec, "decode val", progress)
     y_val = np.array([r.label for r in val_recs], dtype=np.int64)
+    model = LesionNet(cfg.arch, cfg.dropout, pretrained=True, image_size=cfg.image_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
 
-    model = LesionNet(cfg.arch, cfg.dropout, pretrained=True, image_size=cfg.image_size).to(
-        memory_format=torch.channels_last
-    )
+    log.info("train %d images, validation %d, on %s", len(train_recs), len(val_recs), device)
+    train_px = _cache_pixels(train_recs, spec, "decode train", progress)
+    y_train = np.array([r.label for r in train_recs], dtype=np.float32)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dataset = _ImageSet(train_px, y_train, spec, build_augment(cfg.augment, cfg.image_size), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if cfg.source_weights:
+        # each source's share of an epoch's draws follows source_weights; images within a source alike
+        counts = {s: sum(r.source == s for r in train_recs) for s in {r.source for r in train_recs}}
+        w = [cfg.source_weights.get(r.source, 0.0) / counts[r.source] for r in train_recs]
+        sampler = torch.utils.data.WeightedRandomSampler(
+            w, num_samples=len(train_recs), replacement=True, generator=gen
+        )
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=True,
         num_workers=cfg.workers,
-        generator=gen,
+        generator=gen if sampler is None else None,
         persistent_workers=False,
     )
     steps_per_epoch = max(1, len(loader))
@@ -193,17 +309,18 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         log.info("resuming after epoch %d (best validation AUC %.4f)", start_epoch, best_auc)
 
     t0 = time.perf_counter()
-    pos_weight = None  # classes are near balanced here; the threshold is chosen on validation anyway
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
+            log.info("early stop: no better validation AUC for %d epochs", stale)
             break
         dataset.epoch = epoch
         model.train()
         losses, train_logits, train_y = [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
         for x, y in bar:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device)
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
             logits = model(x)
             loss = loss_fn(logits, target)
@@ -212,10 +329,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             optimiser.step()
             scheduler.step()
             losses.append(loss.item())
-            train_logits.append(logits.detach().numpy())
-            train_y.append(y.numpy())
+            train_logits.append(logits.detach().float().cpu().numpy())
+            train_y.append(y.cpu().numpy())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        val_logits = predict_logits(model, val_px, spec)
+        val_logits = predict_logits(model, val_px, spec, device=device)
         val_loss = float(np.mean(np.logaddexp(0, val_logits) - y_val * val_logits))
         row = {
             "epoch": epoch + 1,
@@ -257,7 +374,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             },
             last_ckpt,
         )
-        _write_history(run, history)
+        _write_csv(run / "history.csv", history)
         log.info(
             "epoch %d/%d  train loss %.4f auc %.4f | val loss %.4f auc %.4f%s",
             epoch + 1,
@@ -272,35 +389,41 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     # Calibrate the best checkpoint on validation: temperature, then the operating threshold.
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(best["model"])
-    val_logits = predict_logits(model, val_px, spec)
-    temperature = metrics.fit_temperature(val_logits, y_val)
-    val_prob = metrics.sigmoid(val_logits / temperature)
-    threshold = metrics.threshold_for_sensitivity(y_val, val_prob, cfg.target_sensitivity)
-    val_metrics = metrics.binary_metrics(y_val, val_prob, threshold, [r.group for r in val_recs])
+    val_logits = predict_logits(model, val_px, spec, device=device)
     calibration = {
-        "temperature": temperature,
-        "threshold": threshold,
-        "target_sensitivity": cfg.target_sensitivity,
         "best_epoch": best["epoch"],
-        "validation": val_metrics.to_dict(),
+        **operating_point(
+            val_logits,
+            y_val,
+            [r.source for r in val_recs],
+            [f"{r.source}/{r.patient or r.group}" for r in val_recs],
+            cfg.target_sensitivity,
+        ),
     }
     (run / "calibration.json").write_text(json.dumps(calibration, indent=2))
-    np.savez(run / "val_predictions.npz", keys=np.array([r.key for r in val_recs]), logits=val_logits, labels=y_val)
+    np.savez(
+        run / "val_predictions.npz",
+        keys=np.array([f"{r.source}/{r.key}" for r in val_recs]),
+        logits=val_logits,
+        labels=y_val,
+    )
     seconds = time.perf_counter() - t0
     log.info(
         "best epoch %d, validation AUC %.4f, temperature %.3f, threshold %.3f",
         best["epoch"],
         best_auc,
-        temperature,
-        threshold,
+        calibration["temperature"],
+        calibration["threshold"],
     )
-    return RunResult(run, best["epoch"], best_auc, temperature, threshold, len(history), seconds)
+    return RunResult(
+        run, best["epoch"], best_auc, calibration["temperature"], calibration["threshold"], len(history), seconds
+    )
 
 
-def _write_history(run: Path, history: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
-    with (run / "history.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
