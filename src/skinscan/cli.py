@@ -10,9 +10,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import SkinscanError
+
+if TYPE_CHECKING:
+    from .predict import Prediction
 
 DATA_ROOT_ENV = "SKINSCAN_DATA"
 DEFAULT_DATA_ROOT = "../shared/datasets"
@@ -48,6 +52,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ) as bar:
         results = predictor.predict(paths, batch_size=args.batch_size, progress=bar.update)
     rows = [r.to_dict() for r in results]
+    if args.explain:
+        for row, path in zip(rows, _write_heatmaps(Path(args.explain), paths, results), strict=True):
+            row["heatmap"] = path
     if args.output:
         _write_rows(Path(args.output), rows)
     if not args.quiet:
@@ -70,10 +77,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "refer = see a dermatologist soon; monitor = keep an eye on it, and see a doctor if it "
             "changes, bleeds or itches."
         )
+        if args.explain:
+            console.print(
+                f"heatmap overlays in {args.explain}: red = where the photo raised the estimate most, "
+                "relative to the rest of that photo (not a sign of cancer by itself)"
+            )
     failed = sum(not r.ok for r in results)
     if failed:
         print(f"{failed} of {len(results)} file(s) could not be read (see the error column)", file=sys.stderr)
     return 1 if failed == len(results) else 0
+
+
+def _write_heatmaps(folder: Path, paths: list[Path], results: list[Prediction]) -> list[str | None]:
+    """`<name>.heatmap.png` overlays in `folder` (see skinscan.explain); the path written per image, or None."""
+    from .explain import DEFAULT_MAX_SIDE, explain
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[str | None] = []
+    used: set[str] = set()
+    for path, result in zip(paths, results, strict=True):
+        if not result.ok or result.cam is None:
+            written.append(None)
+            continue
+        name, n = path.stem, 1
+        while name in used:  # the same file name in two folders: keep both
+            n += 1
+            name = f"{path.stem}-{n}"
+        used.add(name)
+        out = folder / f"{name}.heatmap.png"
+        explain(path, result, max_side=DEFAULT_MAX_SIDE).save(out)
+        written.append(str(out))
+    if any(r.ok and r.cam is None for r in results):
+        log.warning("this model has no heatmap output (cam); no overlays written; re-export it")
+    return written
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -239,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
     p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also write heatmap overlays DIR/<name>.heatmap.png: where the photo pushed the risk up most",
+    )
     p.set_defaults(func=cmd_predict)
 
     common_data = argparse.ArgumentParser(add_help=False)

@@ -18,8 +18,12 @@ Every bad input is answered by `_error_response`, the one place that maps errors
 | 415    | unsupported_media_type                     | a content type other than JSON, multipart, image/*  |
 | 422    | invalid_image, too_many_pixels             | the bytes are not a usable image (not an image,     |
 |        |                                            | truncated, unsupported format, decompression bomb)  |
+| 501    | explain_unavailable                        | explain=true, but the model has no heatmap output   |
 | 503    | timeout, not_ready, shutting_down          | busy past the time limit, still loading, stopping   |
 | 500    | internal                                   | a bug (never the client's input): see the log       |
+
+`/` serves the web page (static files in `skinscan/web`, no build step); `?explain=true` on
+/v1/predict adds the heatmap (`skinscan.explain`).
 
 Images stay in memory (multipart bodies are parsed here, never spooled to disk) and never reach the
 logs; logs carry the request id, sizes, status and timings only.
@@ -42,13 +46,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -59,6 +66,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .errors import InvalidImage
+from .explain import DEFAULT_MAX_SIDE, explain, png_bytes
 from .predict import Prediction, Predictor
 from .preprocess import MAX_PIXELS, load_pixels
 
@@ -134,6 +142,13 @@ class PredictResponse(BaseModel):
     advice: str
     model: ModelInfo
     timing_ms: dict[str, float]
+    # only with ?explain=true (see skinscan.explain for what the map shows)
+    heatmap_png: str | None = Field(
+        None, description="base64 PNG: the photo (longer side at most 1024 px) with the heatmap blended over it"
+    )
+    heatmap: list[list[float]] | None = Field(
+        None, description="the raw class activation map (rows x columns, logit units) over the centre square"
+    )
 
 
 class BatchItem(BaseModel):
@@ -668,7 +683,15 @@ _BATCH_BODY = {
         },
     }
 }
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 503)}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 501, 503)}
+# The page may load only what skinscan serves (photos stay in the browser as blob: and data: URLs).
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def create_app(settings: Settings | None = None, *, predictor: Predictor | None = None) -> FastAPI:
@@ -792,7 +815,8 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         openapi_extra=_PREDICT_BODY,
         dependencies=protected,
     )
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request, explain: bool = False) -> JSONResponse:
+        """`?explain=true` adds `heatmap_png` and `heatmap`: the regions that drove the prediction."""
         started = time.perf_counter()
         images, deadline = await take_images(request, batch=False)
         (result,) = await predict_all(images, deadline)
@@ -802,9 +826,16 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             raise _as_error(result)
         predictor, _ = service()
         metrics.images.labels("ok").inc()
-        body = _encode(result, {"total": (time.perf_counter() - started) * 1000})
+        heatmap: dict[str, Any] = {}
+        timing: dict[str, float] = {}
+        if explain:
+            t = time.perf_counter()
+            heatmap = await asyncio.get_running_loop().run_in_executor(state.pool, _heatmap, images[0], result)
+            timing["explain"] = (time.perf_counter() - t) * 1000
+        body = _encode(result, {**timing, "total": (time.perf_counter() - started) * 1000})
         body["model"] = predictor.info()
-        return JSONResponse(PredictResponse(**body).model_dump())
+        # exclude_unset: the heatmap fields appear only when asked for
+        return JSONResponse(PredictResponse(**body, **heatmap).model_dump(exclude_unset=True))
 
     @app.post(
         "/v1/predict/batch",
@@ -873,7 +904,35 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # the web page: static files shipped in the package, no build step, nothing loaded from elsewhere
+    web = _web_root()
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(web / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/web", StaticFiles(directory=web), name="web")
     return app
+
+
+def _heatmap(data: bytes | ApiError, pred: Prediction) -> dict[str, Any]:
+    """The `explain=true` fields: overlay PNG (base64) and raw map; none for a photo to retake (no map)."""
+    if pred.cam is None:
+        if pred.probability is None:
+            return {}
+        raise ApiError(
+            501,
+            "explain_unavailable",
+            "this server's model has no heatmap output (`cam`): re-export it, or drop explain",
+        )
+    if isinstance(data, ApiError):  # cannot happen: the image predicted fine
+        raise data
+    png = png_bytes(explain(data, pred, max_side=DEFAULT_MAX_SIDE))
+    return {"heatmap_png": base64.b64encode(png).decode(), "heatmap": np.round(pred.cam.astype(np.float64), 4).tolist()}
+
+
+def _web_root() -> Path:
+    return Path(str(resources.files("skinscan").joinpath("web")))
 
 
 def _checked(data: bytes, max_pixels: int) -> bytes:

@@ -1,0 +1,148 @@
+"""Heatmaps: a Prediction's class activation map drawn over the photo. NumPy and Pillow only.
+
+The model's `cam` output is exact for its global-pool + linear head: cell (i, j) holds the logit that
+the features at that place alone would give, and the mean over the cells is the logit itself. Positive
+values are evidence for malignancy, negative values evidence against.
+
+What the heatmap shows: the map min-max normalised per image, so the hottest colour marks where the
+photo pushes the risk estimate up the most *relative to the rest of the photo*, and the coldest where it
+pushes it up the least (or down the most). The scale is relative: a hot spot does not mean a high risk
+and a cool map does not mean a low one; the probability says that. A map whose cells (nearly) agree
+carries no "where" and is drawn flat (all cold) instead of magnifying noise.
+
+The network sees only the centre square of the photo (shorter side resized, centre-cropped; see
+`preprocess.resize_for_model`), so the map covers that square; the strips outside it are dimmed in the
+overlay to show that the model did not look at them.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from .predict import Prediction
+from .preprocess import ImageSource, decode_image
+
+# Longest side of the overlays written by the CLI and returned by the service: the map has 7x7 cells,
+# so more pixels add bytes, not information.
+DEFAULT_MAX_SIDE = 1024
+# Below this spread (max - min, in logit units) the map is treated as flat.
+FLAT_SPREAD = 1e-6
+# Strips of the photo outside the model's square are blended towards this grey.
+_OUTSIDE_GREY, _OUTSIDE_DIM = 128.0, 0.55
+
+# The Turbo colour map (Mikhailov 2019; Google's polynomial approximation, Apache-2.0) sampled at 17
+# evenly spaced points and interpolated linearly: dark blue (least evidence) through green and yellow
+# to dark red (most evidence).
+_TURBO = np.array(
+    [
+        [35, 23, 27],
+        [73, 62, 175],
+        [68, 106, 238],
+        [50, 149, 247],
+        [38, 189, 225],
+        [41, 221, 187],
+        [64, 243, 146],
+        [102, 253, 109],
+        [150, 250, 80],
+        [198, 235, 59],
+        [238, 208, 45],
+        [255, 171, 36],
+        [255, 128, 29],
+        [238, 84, 21],
+        [201, 45, 12],
+        [161, 18, 2],
+        [144, 13, 0],
+    ],
+    dtype=np.float32,
+)
+
+
+def normalised_cam(cam: np.ndarray) -> np.ndarray:
+    """The (h, w) map scaled to [0, 1] per image (min-max); all zeros when the map is flat."""
+    cam = np.asarray(cam, dtype=np.float64)
+    if cam.ndim != 2 or cam.size == 0 or not np.all(np.isfinite(cam)):
+        raise ValueError(f"expected a finite 2-D class activation map, got shape {cam.shape}")
+    lo, hi = float(cam.min()), float(cam.max())
+    if hi - lo < FLAT_SPREAD:
+        return np.zeros_like(cam)
+    return (cam - lo) / (hi - lo)
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of bilinear interpolation with cell centres aligned (edges clamped)."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    weights = np.zeros((n_out, n_in))
+    np.add.at(weights, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(weights, (np.arange(n_out), i1), frac)
+    return weights
+
+
+def upsample(grid: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear upsampling of an (h, w) grid to (height, width); values stay within the grid's range."""
+    grid = np.asarray(grid, dtype=np.float64)
+    return _bilinear_matrix(height, grid.shape[0]) @ grid @ _bilinear_matrix(width, grid.shape[1]).T
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """[0, 1] values (any shape) -> uint8 RGB of the Turbo colour map (shape + (3,))."""
+    x = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(_TURBO) - 1)
+    i0 = np.minimum(np.floor(x).astype(int), len(_TURBO) - 2)
+    frac = (x - i0)[..., None]
+    rgb = _TURBO[i0] * (1 - frac) + _TURBO[i0 + 1] * frac
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def model_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre square that the model sees, in the image's pixels."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def overlay(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.6, max_side: int | None = None) -> Image.Image:
+    """The photo with the heatmap alpha-blended over the model's centre square: RGB, the photo's size.
+
+    Per pixel the blend weight grows with the normalised map (from alpha/4 to alpha), so the regions
+    that matter most are coloured most and the rest of the skin stays visible. `max_side` shrinks the
+    photo first (keeping its aspect ratio) when its longer side is larger.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    img = image.convert("RGB")
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    photo = np.asarray(img, dtype=np.float32)
+    left, top, right, bottom = model_box(img.width, img.height)
+    values = upsample(normalised_cam(cam), right - left, bottom - top)
+    weight = (alpha * (0.25 + 0.75 * values))[..., None]
+    out = photo * _OUTSIDE_DIM + _OUTSIDE_GREY * (1 - _OUTSIDE_DIM)
+    square = photo[top:bottom, left:right]
+    out[top:bottom, left:right] = square * (1 - weight) + colorize(values).astype(np.float32) * weight
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def explain(
+    source: ImageSource, prediction: Prediction, *, alpha: float = 0.6, max_side: int | None = None
+) -> Image.Image:
+    """The heatmap overlay of `prediction` on the photo it was made from (decoded the same way)."""
+    if prediction.cam is None:
+        raise ValueError(
+            "this prediction has no class activation map: the model has no `cam` output; "
+            "re-export it with a current `skinscan export`"
+        )
+    # decode at a reduced scale when only a small overlay is wanted (big JPEGs decode much faster)
+    img = decode_image(source, min_side=max_side)
+    return overlay(img, prediction.cam, alpha=alpha, max_side=max_side)

@@ -1,0 +1,335 @@
+// skinscan web page: add a photo (pick, camera, drop or paste), shrink it in the browser, send it to
+// POST /v1/predict?explain=true on this server, and show the estimate, the advice and the heatmap.
+// No build step and nothing from other servers: this file, index.html and style.css are all there is.
+//
+// The code keeps a list of photos of one spot (`lesion.photos`) although the page takes one photo for
+// now (MAX_PHOTOS): combining several photos of the same spot is a later step.
+
+const MAX_PHOTOS = 1;
+const MAX_SIDE = 1280; // longer side sent to the server: the model looks at 224 px, the quality checks at more
+const MAX_UNSHRUNK_BYTES = 4 * 1024 * 1024; // a small photo is sent as it is, unless its file is this big
+const JPEG_QUALITY = 0.92;
+const KEY_STORAGE = "skinscan-api-key";
+
+const $ = (id) => document.getElementById(id);
+const lesion = { photos: [] };
+let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
+let inFlight = null; // AbortController of the request whose answer the page is waiting for
+
+// ------------------------------------------------------------------ adding photos
+async function addFiles(files) {
+  const file = Array.from(files || []).find((f) => f instanceof File);
+  if (!file) return;
+  if (lesion.photos.length >= MAX_PHOTOS) clearPhotos();
+  $("tips").open = false; // the tips stay one tap away
+  const photo = await preparePhoto(file);
+  lesion.photos.push(photo);
+  showPhoto(photo);
+  await check(photo);
+}
+
+function clearPhotos() {
+  for (const photo of lesion.photos) if (photo.url) URL.revokeObjectURL(photo.url);
+  lesion.photos = [];
+}
+
+// Decode the photo in the browser; shrink it (canvas, JPEG) when it is large. A file the browser cannot
+// decode (not an image, or HEIC on most desktop browsers) goes to the server as it is: the server reads
+// HEIC, and says clearly why anything else is refused.
+async function preparePhoto(file) {
+  const name = file.name || "photo";
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.src = url;
+  try {
+    await img.decode(); // <img> applies the EXIF orientation, so the canvas copy is upright too
+  } catch {
+    URL.revokeObjectURL(url);
+    return { name, upload: file, url: null };
+  }
+  const w = img.naturalWidth;
+  const h = img.naturalHeight;
+  const scale = Math.min(1, MAX_SIDE / Math.max(w, h));
+  if (scale === 1 && file.size <= MAX_UNSHRUNK_BYTES) return { name, upload: file, url };
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(w * scale));
+  canvas.height = Math.max(1, Math.round(h * scale));
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
+  if (!blob) return { name, upload: file, url }; // out of memory for the canvas: send the original
+  URL.revokeObjectURL(url);
+  return { name: name.replace(/\.[^.]*$/, "") + ".jpg", upload: blob, url: URL.createObjectURL(blob) };
+}
+
+// ------------------------------------------------------------------ talking to the server
+function authHeaders() {
+  return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+}
+
+async function check(photo, { force = false } = {}) {
+  if (inFlight) inFlight.abort();
+  const controller = new AbortController();
+  inFlight = controller;
+  showBusy();
+  const form = new FormData();
+  form.append("file", photo.upload, photo.name);
+  const params = new URLSearchParams({ explain: "true" });
+  if (force) params.set("force", "true");
+  let response;
+  let body = null;
+  try {
+    response = await fetch(`/v1/predict?${params}`, {
+      method: "POST",
+      body: form,
+      headers: authHeaders(),
+      signal: controller.signal,
+    });
+    body = await response.json().catch(() => null);
+  } catch (err) {
+    if (err.name === "AbortError") return; // a newer photo replaced this one
+    if (controller === inFlight) showError("Could not reach the skinscan server. Check the connection and try again.");
+    return;
+  } finally {
+    if (controller === inFlight) inFlight = null;
+  }
+  if (controller.signal.aborted) return;
+  if (response.status === 401) {
+    showKeyForm(photo);
+    return;
+  }
+  if (!response.ok || !body) {
+    const message = body && body.error ? body.error.message : `The server answered with status ${response.status}.`;
+    showError(message, body && body.error ? body.error.code : "", photo);
+    return;
+  }
+  photo.result = body;
+  showResult(photo, body);
+  showHeatmap(photo, body);
+  showModel(body.model);
+}
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch("/v2/models/skinscan", { headers: authHeaders() });
+    if (response.ok) showModel((await response.json()).model);
+  } catch {
+    // the page works without it; the model appears with the first result
+  }
+}
+
+// ------------------------------------------------------------------ showing things
+function fromTemplate(id) {
+  return $(id).content.firstElementChild.cloneNode(true);
+}
+
+function setResult(node) {
+  const result = $("result");
+  result.replaceChildren(node);
+  result.setAttribute("aria-busy", "false");
+}
+
+function showBusy() {
+  setResult(fromTemplate("tpl-busy"));
+  $("result").setAttribute("aria-busy", "true");
+}
+
+function showError(message, code = "", photo = null) {
+  const node = fromTemplate("tpl-error");
+  node.querySelector(".error-message").textContent = sentence(message);
+  if (code) node.dataset.code = code;
+  setResult(node);
+  hideHeatmap();
+  if (photo && !photo.url) $("viewer-panel").hidden = true; // nothing to show: the file was not a picture
+}
+
+function sentence(text) {
+  const t = String(text).trim();
+  return t.charAt(0).toUpperCase() + t.slice(1) + (/[.!?]$/.test(t) ? "" : ".");
+}
+
+function showKeyForm(photo) {
+  const form = fromTemplate("tpl-apikey");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    apiKey = form.querySelector("input").value.trim();
+    sessionStorage.setItem(KEY_STORAGE, apiKey);
+    check(photo);
+    loadModelInfo();
+  });
+  setResult(form);
+  form.querySelector("input").focus();
+}
+
+function showPhoto(photo) {
+  $("viewer-panel").hidden = false;
+  const caption = $("viewer-caption");
+  hideHeatmap();
+  if (photo.url) {
+    $("photo-img").src = photo.url;
+    $("photo-img").hidden = false;
+    caption.hidden = true;
+  } else {
+    $("photo-img").removeAttribute("src");
+    $("photo-img").hidden = true;
+    caption.textContent = "This browser cannot show this file; the server will check it.";
+    caption.hidden = false;
+  }
+}
+
+function hideHeatmap() {
+  $("heatmap-img").hidden = true;
+  $("heatmap-img").removeAttribute("src");
+  $("heatmap-controls").hidden = true;
+}
+
+function showHeatmap(photo, body) {
+  if (!body.heatmap_png) return;
+  const src = `data:image/png;base64,${body.heatmap_png}`;
+  if (!photo.url) {
+    // the browser could not show the photo (e.g. HEIC): the server's overlay is the only picture of it
+    $("photo-img").src = src;
+    $("photo-img").hidden = false;
+    $("viewer-caption").textContent = "This browser cannot show the photo itself; shown with the heatmap.";
+    return;
+  }
+  $("heatmap-img").src = src;
+  $("heatmap-controls").hidden = false;
+  applyHeatmapControls();
+}
+
+function applyHeatmapControls() {
+  const on = $("heatmap-toggle").checked;
+  const strength = Number($("heatmap-opacity").value);
+  $("heatmap-img").hidden = !on || !$("heatmap-img").getAttribute("src");
+  $("heatmap-img").style.opacity = String(strength / 100);
+  $("heatmap-opacity").disabled = !on;
+  $("heatmap-opacity-value").textContent = `${strength}%`;
+}
+
+function showModel(model) {
+  if (!model) return;
+  $("model-info").textContent = `Model: ${model.name}, version ${model.version}`;
+  $("footer-model").textContent = `skinscan · model ${model.name} ${model.version}`;
+}
+
+// Percentages: whole numbers, with one decimal where whole numbers would hide the difference between
+// the estimate and the threshold.
+function percents(p, threshold) {
+  const fmt = (v, digits) => {
+    if (v < 0.01 && v > 0 && digits === 0) return "under 1%";
+    if (v > 0.99 && v < 1 && digits === 0) return "over 99%";
+    return `${(v * 100).toFixed(digits)}%`;
+  };
+  const digits = fmt(p, 0) === fmt(threshold, 0) ? 1 : 0;
+  return [fmt(p, digits), fmt(threshold, digits)];
+}
+
+function showResult(photo, body) {
+  const node = fromTemplate("tpl-result");
+  const show = (selector) => {
+    const el = node.querySelector(selector);
+    el.hidden = false;
+    return el;
+  };
+  const hasProbability = typeof body.probability === "number";
+  const retake = body.quality === "retake";
+
+  if (retake) {
+    const box = show(".retake");
+    const list = box.querySelector(".retake-reasons");
+    for (const reason of body.reasons || []) {
+      const li = document.createElement("li");
+      li.textContent = typeof reason === "string" ? reason : reason.message || reason.text || JSON.stringify(reason);
+      list.append(li);
+    }
+    if (!list.children.length) list.hidden = true;
+    if (!hasProbability) {
+      const again = show(".check-anyway");
+      again.addEventListener("click", () => check(photo, { force: true }));
+    } else {
+      show(".forced-note");
+    }
+  } else if (body.quality === "ok") {
+    show(".quality-ok");
+  }
+
+  if (hasProbability) {
+    const refer = body.decision === "refer";
+    const decision = show(".decision");
+    decision.classList.add(refer ? "refer" : "monitor");
+    decision.dataset.decision = body.decision;
+    decision.querySelector(".decision-kicker").textContent = "Suggested next step";
+    decision.querySelector(".decision-title").textContent = refer
+      ? "See a dermatologist soon"
+      : "No referral suggested: keep an eye on it";
+    decision.querySelector(".decision-advice").textContent = body.advice || "";
+
+    const [pText, tText] = percents(body.probability, body.threshold);
+    const gauge = show(".gauge");
+    gauge.classList.add(refer ? "refer" : "monitor");
+    gauge.querySelector(".gauge-value").textContent = pText;
+    const track = gauge.querySelector(".gauge-track");
+    track.setAttribute("aria-valuenow", String(Math.round(body.probability * 1000) / 10));
+    track.setAttribute("aria-valuetext", `${pText}; referral threshold ${tText}`);
+    track.setAttribute("aria-label", "Estimated chance that this spot is a skin cancer");
+    track.style.setProperty("--p", String(body.probability));
+    track.style.setProperty("--t", String(body.threshold));
+    gauge.querySelector(".gauge-threshold-label").textContent =
+      `The dashed line is the referral threshold (${tText}): at or above it, skinscan suggests seeing a dermatologist.`;
+  }
+  setResult(node);
+}
+
+// ------------------------------------------------------------------ wiring
+function init() {
+  $("choose-button").addEventListener("click", () => $("file-input").click());
+  $("take-button").addEventListener("click", () => $("camera-input").click());
+  for (const id of ["file-input", "camera-input"]) {
+    $(id).addEventListener("change", (event) => {
+      addFiles(event.target.files);
+      event.target.value = ""; // choosing the same file again still triggers a check
+    });
+  }
+
+  const zone = $("dropzone");
+  let depth = 0; // dragenter/leave fire for every child element
+  document.addEventListener("dragenter", (event) => {
+    if (!hasFiles(event)) return;
+    depth += 1;
+    zone.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (depth === 0) zone.classList.remove("dragging");
+  });
+  document.addEventListener("dragover", (event) => {
+    if (hasFiles(event)) event.preventDefault(); // allow the drop (and keep the browser from opening the file)
+  });
+  document.addEventListener("drop", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    depth = 0;
+    zone.classList.remove("dragging");
+    addFiles(event.dataTransfer.files);
+  });
+  document.addEventListener("paste", (event) => {
+    const files = Array.from(event.clipboardData ? event.clipboardData.files : []);
+    if (files.length) {
+      event.preventDefault();
+      addFiles(files);
+    }
+  });
+
+  $("heatmap-toggle").addEventListener("change", applyHeatmapControls);
+  $("heatmap-opacity").addEventListener("input", applyHeatmapControls);
+  loadModelInfo();
+  document.documentElement.dataset.ready = "true"; // for the browser tests
+}
+
+function hasFiles(event) {
+  return Boolean(event.dataTransfer) && Array.from(event.dataTransfer.types || []).includes("Files");
+}
+
+init();
