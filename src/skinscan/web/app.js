@@ -234,14 +234,15 @@ function showResult(photo, body) {
     return el;
   };
   const hasProbability = typeof body.probability === "number";
-  const retake = body.quality === "retake";
+  const quality = qualityOf(body);
+  const retake = quality.verdict === "retake";
 
   if (retake) {
     const box = show(".retake");
     const list = box.querySelector(".retake-reasons");
-    for (const reason of body.reasons || []) {
+    for (const reason of quality.reasons) {
       const li = document.createElement("li");
-      li.textContent = typeof reason === "string" ? reason : reason.message || reason.text || JSON.stringify(reason);
+      li.textContent = sentence(typeof reason === "string" ? reason : reason.message || reason.text || "");
       list.append(li);
     }
     if (!list.children.length) list.hidden = true;
@@ -251,7 +252,7 @@ function showResult(photo, body) {
     } else {
       show(".forced-note");
     }
-  } else if (body.quality === "ok") {
+  } else if (quality.verdict === "ok") {
     show(".quality-ok");
   }
 
@@ -280,6 +281,14 @@ function showResult(photo, body) {
       `The dashed line is the referral threshold (${tText}): at or above it, skinscan suggests seeing a dermatologist.`;
   }
   setResult(node);
+}
+
+// The quality gate's answer: `quality` "ok" | "retake" with `reasons` beside it, or a report object
+// {verdict, reasons, ...}; absent when the server has no gate.
+function qualityOf(body) {
+  const q = body.quality;
+  if (q && typeof q === "object") return { verdict: q.verdict, reasons: q.reasons || body.reasons || [] };
+  return { verdict: q, reasons: body.reasons || [] };
 }
 
 // ------------------------------------------------------------------ wiring
