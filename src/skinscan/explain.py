@@ -89,13 +89,21 @@ def upsample(grid: np.ndarray, width: int, height: int) -> np.ndarray:
     return _bilinear_matrix(height, grid.shape[0]) @ grid @ _bilinear_matrix(width, grid.shape[1]).T
 
 
+def _lookup_table(points: np.ndarray, n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 colours interpolated linearly between evenly spaced `points`."""
+    x = np.linspace(0, len(points) - 1, n)
+    i0 = np.minimum(np.floor(x).astype(int), len(points) - 2)
+    frac = (x - i0)[:, None]
+    return np.clip(points[i0] * (1 - frac) + points[i0 + 1] * frac + 0.5, 0, 255).astype(np.uint8)
+
+
+_LUT = _lookup_table(_TURBO)  # 256 levels: finer than the eye can tell apart in a blend
+
+
 def colorize(values: np.ndarray) -> np.ndarray:
     """[0, 1] values (any shape) -> uint8 RGB of the Turbo colour map (shape + (3,))."""
-    x = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(_TURBO) - 1)
-    i0 = np.minimum(np.floor(x).astype(int), len(_TURBO) - 2)
-    frac = (x - i0)[..., None]
-    rgb = _TURBO[i0] * (1 - frac) + _TURBO[i0 + 1] * frac
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    levels = np.rint(np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(_LUT) - 1)).astype(np.uint8)
+    return _LUT[levels]
 
 
 def model_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -120,7 +128,7 @@ def overlay(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.6, max_side
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     photo = np.asarray(img, dtype=np.float32)
     left, top, right, bottom = model_box(img.width, img.height)
-    values = upsample(normalised_cam(cam), right - left, bottom - top)
+    values = upsample(normalised_cam(cam), right - left, bottom - top).astype(np.float32)
     weight = (alpha * (0.25 + 0.75 * values))[..., None]
     out = photo * _OUTSIDE_DIM + _OUTSIDE_GREY * (1 - _OUTSIDE_DIM)
     square = photo[top:bottom, left:right]
