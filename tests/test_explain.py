@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 from skinscan.card import default_model_path
 from skinscan.cli import main
-from skinscan.explain import colorize, explain, model_box, normalised_cam, overlay, upsample
+from skinscan.explain import colorize, explain, influence, model_box, overlay, upsample
 from skinscan.predict import Predictor
 from skinscan.preprocess import load_pixels
 
@@ -58,24 +58,27 @@ def skin_with_lesion(
 
 
 # ---------------------------------------------------------------- the maths
-def test_normalised_cam_is_min_max_and_keeps_the_sign_order() -> None:
-    cam = np.array([[-2.0, 0.0], [1.0, 6.0]])
-    norm = normalised_cam(cam)
-    assert norm.min() == 0 and norm.max() == 1
-    assert np.unravel_index(norm.argmax(), norm.shape) == (1, 1)  # most evidence for malignancy is hottest
-    assert np.unravel_index(norm.argmin(), norm.shape) == (0, 0)  # most evidence against is coldest
-    assert np.allclose(normalised_cam(cam + 100), norm)  # the head's bias does not matter
+def test_influence_is_the_distance_from_the_typical_cell_either_way() -> None:
+    cam = np.zeros((5, 5))
+    cam[1, 1] = -6.0  # strong evidence against malignancy (a benign-looking lesion)
+    cam[3, 3] = 3.0  # some evidence for it
+    heat = influence(cam)
+    assert heat.min() == 0 and heat.max() == 1
+    assert heat[1, 1] == 1 and heat[3, 3] == pytest.approx(0.5) and heat[0, 0] == 0
+    assert np.allclose(influence(-cam), heat)  # the direction does not matter, the strength does
+    assert np.allclose(influence(cam + 100), heat)  # nor does the head's bias
+    assert np.allclose(influence(cam * 3), heat)  # relative: per image
 
 
 def test_a_flat_map_is_drawn_flat_not_magnified() -> None:
-    assert not normalised_cam(np.full((7, 7), 3.2)).any()
-    assert not normalised_cam(np.full((7, 7), 3.2) + np.eye(7) * 1e-9).any()
+    assert not influence(np.full((7, 7), 3.2)).any()
+    assert not influence(np.full((7, 7), 3.2) + np.eye(7) * 1e-9).any()
 
 
 @pytest.mark.parametrize("bad", [np.zeros(7), np.zeros((0, 7)), np.array([[1.0, np.nan]])])
-def test_normalised_cam_refuses_what_is_not_a_map(bad: np.ndarray) -> None:
+def test_influence_refuses_what_is_not_a_map(bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="class activation map"):
-        normalised_cam(bad)
+        influence(bad)
 
 
 def test_bilinear_upsampling() -> None:
@@ -140,7 +143,7 @@ def test_model_maps_are_exact_and_not_constant(predictor: Predictor) -> None:
         assert r.ok and r.cam is not None and r.cam.shape == (7, 7)
         assert r.cam.mean() == pytest.approx(r.logit, abs=1e-3)  # exact for a global-pool + linear head
         assert np.ptp(r.cam) > 1e-3, f"{r.path}: constant map"
-        assert np.ptp(normalised_cam(r.cam)) == pytest.approx(1.0)
+        assert np.ptp(influence(r.cam)) == pytest.approx(1.0)
 
 
 def test_explain_matches_the_image_size_including_exif_rotation(predictor: Predictor, tmp_path: Path) -> None:
@@ -182,22 +185,25 @@ def _lesion_mask(pixels: np.ndarray) -> np.ndarray:
 
 
 def _peak_rates(predictor: Predictor, images: list) -> tuple[float, float, int]:
-    """(share of images whose hottest cell lies on the lesion, share where it lies on the outer ring of
-    cells, number of images). On the lesion: at least half of that cell's pixels are in the lesion mask,
-    measured on exactly the square the model saw."""
+    """(share of images whose heatmap peaks on the lesion, share where it peaks on the outer ring of
+    cells, number of images with a map). On the lesion: at least half of the hottest cell's pixels are in
+    the lesion mask, measured on exactly the square the model saw. Photos that the quality gate sends
+    back for a retake have no map and are not counted."""
     on_lesion = on_border = 0
     results = predictor.predict(images, batch_size=16)
-    for source, result in zip(images, results, strict=True):
-        assert result.ok and result.cam is not None
+    mapped = [(s, r) for s, r in zip(images, results, strict=True) if r.ok and r.cam is not None]
+    assert len(mapped) >= 0.75 * len(images), f"only {len(mapped)} of {len(images)} photos have a map"
+    for source, result in mapped:
         pixels = load_pixels(source, predictor.spec)
         mask = _lesion_mask(pixels)
         rows, cols = result.cam.shape
-        i, j = np.unravel_index(np.argmax(result.cam), result.cam.shape)
+        heat = influence(result.cam)
+        i, j = np.unravel_index(np.argmax(heat), heat.shape)
         ch, cw = mask.shape[0] / rows, mask.shape[1] / cols
         cell = mask[round(i * ch) : round((i + 1) * ch), round(j * cw) : round((j + 1) * cw)]
         on_lesion += cell.mean() >= 0.5
         on_border += i in (0, rows - 1) or j in (0, cols - 1)
-    return on_lesion / len(images), on_border / len(images), len(images)
+    return on_lesion / len(mapped), on_border / len(mapped), len(mapped)
 
 
 def _require_bundled(model_path: Path) -> None:
@@ -241,6 +247,7 @@ def test_map_peaks_on_real_lesions_more_than_on_the_border(
     on_lesion, on_border, n = _peak_rates(predictor, paths)
     print(f"isic-mvb test: peak on the lesion {on_lesion:.0%}, on the border {on_border:.0%} of {n}")
     assert on_lesion > on_border
+    assert on_lesion >= 0.5
 
 
 # ---------------------------------------------------------------- service and CLI

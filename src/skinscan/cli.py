@@ -79,8 +79,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         if args.explain:
             console.print(
-                f"heatmap overlays in {args.explain}: red = where the photo raised the estimate most, "
-                "relative to the rest of that photo (not a sign of cancer by itself)"
+                f"heatmap overlays in {args.explain}: red = where the photo swayed the estimate most, up or "
+                "down, compared with the rest of that photo (not a sign of cancer by itself)"
             )
     failed = sum(not r.ok for r in results)
     if failed:

@@ -144,10 +144,14 @@ class PredictResponse(BaseModel):
     timing_ms: dict[str, float]
     # only with ?explain=true (see skinscan.explain for what the map shows)
     heatmap_png: str | None = Field(
-        None, description="base64 PNG: the photo (longer side at most 1024 px) with the heatmap blended over it"
+        None,
+        description="base64 PNG: the photo (longer side at most 1024 px) with the heatmap of influence blended "
+        "over it (red: swayed the estimate most, up or down; see skinscan.explain)",
     )
     heatmap: list[list[float]] | None = Field(
-        None, description="the raw class activation map (rows x columns, logit units) over the centre square"
+        None,
+        description="the raw, signed class activation map over the centre square (rows x columns, logit units; "
+        "positive = evidence for malignancy; its mean is the logit)",
     )
 
 
