@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -288,9 +289,9 @@ def test_service_explain_without_a_cam_output_says_so(model_path: Path, monkeypa
 
     from skinscan.service import Settings, create_app
 
-    predictor = Predictor(model_path)
-    run = predictor.run
-    monkeypatch.setattr(predictor, "run", lambda batch: {k: v for k, v in run(batch).items() if k != "cam"})
+    predictor = Predictor(model_path)  # as if its model had no `cam` output
+    predict = predictor.predict
+    monkeypatch.setattr(predictor, "predict", lambda *a, **k: [replace(p, cam=None) for p in predict(*a, **k)])
     jpeg = EXAMPLES[0].read_bytes()
     with TestClient(create_app(Settings(model=model_path), predictor=predictor)) as client:
         assert client.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
