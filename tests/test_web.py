@@ -521,5 +521,9 @@ def test_blurred_photo_asks_for_a_retake(desktop: Page, server: str, tmp_path: P
     shown = desktop.text(".retake-reasons").lower()
     for reason in answer.get("reasons") or []:
         assert reason.rstrip(".").lower() in shown
+    assert desktop.page.locator(".decision").is_hidden()  # no estimate for a photo to retake...
     desktop.screenshot("desktop-1280x800-retake")
+    desktop.page.get_by_role("button", name="Check this photo anyway").click()  # ...unless asked
+    desktop.page.wait_for_selector(".decision:not([hidden])")
+    assert desktop.page.locator(".forced-note").is_visible()
     desktop.check_clean()
