@@ -87,8 +87,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
 
     box = read_patient_list(LOCKBOX)
-    phone = [r for r in load_dataset(root / PHONE) if r.patient not in box]
-    test = load_dataset(root / ARCHIVE, split="test")
+    phone = [r for r in load_dataset(root / PHONE) if r.patient not in box][: args.max_eval]
+    test = load_dataset(root / ARCHIVE, split="test")[:: max(1, 660 // (args.max_eval or 660))]
     clean = {r.key for r in without_leaks(test, load_dataset(root / ARCHIVE, split="train"))}
     test_px = np.stack([load_pixels(r.path, spec) for r in test])
     phone_px = {f"{r.source}/{r.key}": load_pixels(r.path, spec) for r in phone}
@@ -117,7 +117,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             plain, flips = predict_logits(model, px, spec, device=device), tta(model, px)
             frame = predict_logits(model, fpx, spec, device=device)
             for q, a, b, c in zip(keys, plain, flips, frame, strict=True):
-                oof[q] = (float(a), float(b), float(c))
+                oof[q] = (float(a), float(b), float(c))  # python floats: JSON-serialisable
         z = predict_logits(model, test_px, spec, device=device)
         test_logits.append(z)
         test_tta.append(tta(model, test_px))
@@ -130,9 +130,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             for i, q in enumerate(phone_px):
                 prev = oof.get(q, (0.0, 0.0, 0.0))
                 oof[q] = (
-                    prev[0] + plain[i] / args.folds,
-                    prev[1] + flips[i] / args.folds,
-                    prev[2] + frame[i] / args.folds,
+                    float(prev[0] + plain[i] / args.folds),
+                    float(prev[1] + flips[i] / args.folds),
+                    float(prev[2] + frame[i] / args.folds),
                 )
 
     label = {f"{r.source}/{r.key}": r.label for r in phone}
@@ -168,21 +168,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default="../shared/datasets")
     ap.add_argument("--out", required=True, help="folder for ablation.json and ablation.md")
-    ap.add_argument("--work", default="runs/ablation", help="folder for the fold runs")
+    ap.add_argument("--work", default="runs/ablation", help="folder for the fold runs, per-recipe results and logs")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--parallel", type=int, default=1, help="recipes trained at once (one process each)")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds after which unfinished recipes are stopped")
     ap.add_argument("--recipes", default=",".join(r.split()[0] for r in RECIPES), help="letters, e.g. A,B,E")
     ap.add_argument("--limit", type=int, help="use at most this many training images (smoke runs)")
+    ap.add_argument("--max-eval", type=int, help="score at most this many phone photos (smoke runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     if args.one:
         name = next(r for r in RECIPES if r.split()[0] == args.one)
-        (out / f"recipe-{args.one}.json").write_text(json.dumps(run_one(name, args)))
+        (work / f"recipe-{args.one}.json").write_text(json.dumps(run_one(name, args)))
         return
     letters = args.recipes.split(",")
     pending, running = list(letters), []
@@ -203,23 +206,41 @@ def main() -> None:
         args.device,
         "--workers",
         str(args.workers),
+        *(["--limit", str(args.limit)] if args.limit else []),
+        *(["--max-eval", str(args.max_eval)] if args.max_eval else []),
     ]
+    t0 = time.perf_counter()
     while pending or running:
         while pending and len(running) < args.parallel:
             letter = pending.pop(0)
-            log = (out / f"recipe-{letter}.log").open("w")
+            log = (work / f"recipe-{letter}.log").open("w")
             running.append((letter, subprocess.Popen([*base, "--one", letter], stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(2)
         for item in list(running):
             if item[1].poll() is not None:
                 running.remove(item)
-                print(f"recipe {item[0]} finished with exit code {item[1].returncode}", flush=True)
+                print(
+                    f"recipe {item[0]} finished with exit code {item[1].returncode} "
+                    f"after {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
+                _summarise(letters, work, out)
+        if args.deadline and time.perf_counter() - t0 > args.deadline:
+            for letter, proc in running:
+                proc.kill()
+                print(f"recipe {letter} stopped at the deadline", flush=True)
+            break
+    print(_summarise(letters, work, out))
+
+
+def _summarise(letters: list[str], work: Path, out: Path) -> str:
     results = [
-        json.loads((out / f"recipe-{x}.json").read_text()) for x in letters if (out / f"recipe-{x}.json").exists()
+        json.loads((work / f"recipe-{x}.json").read_text()) for x in letters if (work / f"recipe-{x}.json").exists()
     ]
     (out / "ablation.json").write_text(json.dumps(results))
     lines = [
-        "| recipe | phone CV AUC [95% CI] | + flip TTA | phone 4:3 full frame | archive test 646 AUC (fold ensemble) | + TTA |",
+        "| recipe | phone CV AUC [95% CI] | + flip TTA | phone 4:3 full frame | "
+        "archive test 646 AUC (fold ensemble) | + TTA |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -230,7 +251,7 @@ def main() -> None:
             f"{r['archive_test646_auc_ensemble_tta'][0]:.3f} |"
         )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
