@@ -44,7 +44,7 @@ class ModelCard(BaseModel):
     version: str
     architecture: str
     input_name: str = "image"
-    outputs: list[str] = Field(default_factory=lambda: ["logit", "cam"])
+    outputs: list[str] = Field(default_factory=lambda: ["logit", "cam", "embedding"])
     preprocessing: dict[str, Any]
     temperature: float = Field(gt=0)
     threshold: float = Field(gt=0, lt=1)

@@ -214,6 +214,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         fold_dir = run / f"fold-{k}"
         log.info("fold %d/%d: train %d, validation %d", k + 1, cfg.folds, len(train_recs), len(val_recs))
         fold_dir.mkdir(exist_ok=True)
+        (fold_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))  # exportable
         (fold_dir / "data.json").write_text(json.dumps({**data_info, **_split_info(train_recs, val_recs)}, indent=2))
         done = (fold_dir / "calibration.json").exists()
         result = _fit(
