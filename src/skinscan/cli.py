@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 DATA_ROOT_ENV = "SKINSCAN_DATA"
 DEFAULT_DATA_ROOT = "../shared/datasets"
+DEFAULT_NONLESION = "tests/assets/nonlesion/tune"  # the quality gate's tuning pictures (export --gate)
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
 log = logging.getLogger("skinscan")
@@ -50,7 +51,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with tqdm(
         total=len(paths), desc="skinscan", unit="img", file=sys.stderr, disable=len(paths) < 20 or args.quiet
     ) as bar:
-        results = predictor.predict(paths, batch_size=args.batch_size, progress=bar.update)
+        results = predictor.predict(paths, batch_size=args.batch_size, progress=bar.update, force=args.force)
     rows = [r.to_dict() for r in results]
     if args.explain:
         for row, path in zip(rows, _write_heatmaps(Path(args.explain), paths, results), strict=True):
@@ -66,12 +67,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         table.add_column("probability", justify="right")
         table.add_column("decision", ratio=2)
         table.add_column("threshold", justify="right")
+        table.add_column("quality", ratio=3)
         for r in results:
-            if r.ok:
+            quality = "ok" if r.quality == "ok" else f"[yellow]retake: {'; '.join(r.reasons)}[/]" if r.quality else "-"
+            if r.ok and r.probability is not None:
                 style = "bold red" if r.decision == "refer" else "green"
-                table.add_row(r.path, f"{r.probability:.3f}", f"[{style}]{r.decision}[/]", f"{r.threshold:.3f}")
+                probability, decision = f"{r.probability:.3f}", f"[{style}]{r.decision}[/]"
+                table.add_row(r.path, probability, decision, f"{r.threshold:.3f}", quality)
+            elif r.ok:  # a photo to retake: no estimate unless --force
+                table.add_row(r.path, "-", "[yellow]retake the photo[/]", f"{r.threshold:.3f}", quality)
             else:
-                table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", f"{r.threshold:.3f}")
+                table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", f"{r.threshold:.3f}", quality)
         console.print(table)
         console.print(
             "refer = see a dermatologist soon; monitor = keep an eye on it, and see a doctor if it "
@@ -82,6 +88,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"heatmap overlays in {args.explain}: red = where the photo swayed the estimate most, up or "
                 "down, compared with the rest of that photo (not a sign of cancer by itself)"
             )
+    retakes = sum(r.quality == "retake" for r in results)
+    if retakes and not args.force and not args.quiet:
+        print(f"{retakes} photo(s) to retake (see the reasons); --force predicts them anyway", file=sys.stderr)
     failed = sum(not r.ok for r in results)
     if failed:
         print(f"{failed} of {len(results)} file(s) could not be read (see the error column)", file=sys.stderr)
@@ -117,11 +126,11 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(rows, indent=2))
     elif path.suffix.lower() == ".csv":
-        cols = ["path", "probability", "decision", "threshold", "advice", "error"]
+        cols = ["path", "probability", "decision", "threshold", "advice", "error", "quality", "reasons"]
         with path.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({**row, "reasons": "; ".join(row.get("reasons") or [])} for row in rows)
     else:
         raise SkinscanError(f"--output {path}: use a .csv or .json file name")
 
@@ -188,7 +197,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.test:
         record_test_metrics(path, _resolve(args, args.test), Path(args.out) / "test-report")
         print(f"test metrics recorded in the model card; report in {Path(args.out) / 'test-report'}")
+    if args.gate:  # after --test: the test metrics score every test image, as without a gate
+        _add_gate(path, run, Path(args.gate))
     return 0
+
+
+def _add_gate(path: Path, run: Path, nonlesion: Path) -> None:
+    from .config import load_config
+    from .export import add_quality_gate
+    from .train import load_training_records
+
+    if not nonlesion.is_dir():
+        raise SkinscanError(
+            f"--gate {nonlesion}: no such folder; run from the repository root (the default is "
+            f"{DEFAULT_NONLESION}) or pass the folder of non-lesion tuning images"
+        )
+    records, _ = load_training_records(load_config(run / "config.yaml"))
+    section = add_quality_gate(
+        path,
+        [r.path for r in records],
+        nonlesion,
+        sources=[r.source for r in records],
+        groups=[f"{r.source}/{r.group}" for r in records],
+        progress=True,
+    )
+    fit = section["fit"]
+    print(
+        f"quality gate stored in the model card: out-of-distribution threshold {section['ood']['threshold']:.3f}; "
+        f"training photos refused by it {fit['cross_fitted_train_rejection_by_ood']} (cross-fitted); non-lesion "
+        f"tuning pictures flagged by it {fit['nonlesion_tune_flag_rate_by_ood']:.1%}; chosen {fit['chosen']}"
+    )
 
 
 # ---------------------------------------------------------------- serve
@@ -275,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
     p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
+    p.add_argument("--force", action="store_true", help="predict photos the quality gate refuses, too")
     p.add_argument(
         "--explain",
         metavar="DIR",
@@ -332,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="skinscan-lite0-isic", help="model name (default skinscan-lite0-isic)")
     p.add_argument("--version", dest="version", help="model version (default: today's date)")
     p.add_argument("--test", help="also score this dataset's test split and record its metrics in the card")
+    p.add_argument(
+        "--gate",
+        nargs="?",
+        const=DEFAULT_NONLESION,
+        metavar="NONLESION_DIR",
+        help="also fit the quality gate's 'not a skin lesion' check on the run's training images and the "
+        f"non-lesion tuning pictures (default {DEFAULT_NONLESION}, from the repository root)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -6,9 +6,11 @@ import csv
 import json
 import platform
 import warnings
+from collections.abc import Sequence
 from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,15 +38,16 @@ DATA_LICENCES = {
 
 
 class _ExportWrapper(torch.nn.Module):
-    """Two outputs: the raw logit and the class activation map (for heatmaps without torch)."""
+    """Three outputs: the raw logit, the class activation map (heatmaps without torch) and the pooled
+    feature vector (the quality gate's out-of-distribution check)."""
 
     def __init__(self, net: LesionNet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = self.net.features(image)
-        return self.net.head(feats), self.net.cam(feats)
+        return self.net.head(feats), self.net.cam(feats), feats.mean(dim=(2, 3))
 
 
 def load_run_model(run: Path) -> tuple[LesionNet, TrainConfig]:
@@ -132,7 +135,7 @@ def export(
             (dummy,),
             str(onnx_path),
             input_names=["image"],
-            output_names=["logit", "cam"],
+            output_names=["logit", "cam", "embedding"],
             dynamic_shapes={"image": {0: torch.export.Dim("batch", max=4096)}},
             opset_version=18,
             dynamo=True,
@@ -157,7 +160,7 @@ def export(
         "version": version_tag or f"{date.today().isoformat()}",
         "architecture": f"{cfg.arch} (ImageNet-pretrained) -> global average pool -> linear, 1 logit",
         "input_name": "image",
-        "outputs": ["logit", "cam"],
+        "outputs": ["logit", "cam", "embedding"],
         "preprocessing": spec.to_dict(),
         "temperature": calibration["temperature"],
         "threshold": calibration["threshold"],
@@ -205,3 +208,88 @@ def record_test_metrics(onnx_path: Path, data: Path, report_dir: Path) -> dict:
     del predictor  # release the file before rewriting it
     write_card(Path(onnx_path), ModelCard(**card).model_dump())
     return card["metrics"]["test"]
+
+
+if TYPE_CHECKING:
+    from .predict import Predictor
+
+
+def add_quality_gate(
+    onnx_path: str | Path,
+    train_image_paths: Sequence[str | Path],
+    nonlesion_dir: str | Path,
+    *,
+    sources: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Fit the quality gate's out-of-distribution check and store it in the model card (`quality_gate`).
+
+    Embeds the training photos and the non-lesion tuning pictures (`nonlesion_dir`, e.g.
+    tests/assets/nonlesion/tune) with the exported model itself, through the Predictor's preprocessing,
+    then `skinscan.quality.fit_quality_gate`. `sources` (one per training path, e.g. the records' source)
+    keeps every source's rejection under the budget; `groups` (e.g. the records' patient group) keeps
+    near-copies in one cross-fitting fold. Returns the card section.
+    """
+    from .card import ModelCard
+    from .data import IMAGE_SUFFIXES
+    from .predict import Predictor
+    from .quality import CARD_SECTION, fit_quality_gate
+
+    onnx_path, nonlesion_dir = Path(onnx_path), Path(nonlesion_dir)
+    nonlesion = sorted(p for p in nonlesion_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not nonlesion:
+        raise SkinscanError(
+            f"{nonlesion_dir}: no non-lesion images; use the tuning half made by benchmarks/make_nonlesion_set.py "
+            "(tests/assets/nonlesion/tune)"
+        )
+    for what, values in (("sources", sources), ("groups", groups)):
+        if values is not None and len(values) != len(train_image_paths):
+            raise SkinscanError(f"{len(train_image_paths)} training images but {len(values)} {what}")
+    predictor = Predictor(onnx_path)
+    if "embedding" not in [o.name for o in predictor.session.get_outputs()]:
+        raise SkinscanError(f"{onnx_path} has no `embedding` output: re-export it with this skinscan")
+
+    train_emb, kept = _embed(predictor, list(train_image_paths), "training", batch_size, progress)
+    nonlesion_emb, _ = _embed(predictor, nonlesion, "non-lesion", batch_size, progress)
+    section = fit_quality_gate(
+        train_emb,
+        nonlesion_emb,
+        train_sources=None if sources is None else [sources[i] for i in kept],
+        train_groups=None if groups is None else [groups[i] for i in kept],
+    )
+    section["fit"]["nonlesion_dir"] = nonlesion_dir.as_posix()
+    section["fit"]["unreadable_train_images"] = len(train_image_paths) - len(kept)
+    card = predictor.card.model_dump()
+    card[CARD_SECTION] = section
+    del predictor  # release the file before rewriting it
+    write_card(onnx_path, ModelCard(**card).model_dump())
+    return section
+
+
+def _embed(
+    predictor: Predictor, paths: Sequence[str | Path], what: str, batch_size: int, progress: bool
+) -> tuple[np.ndarray, list[int]]:
+    """The model's `embedding` output for `paths` (through the Predictor's preprocessing), and the indices
+    of the images that could be read."""
+    from tqdm.auto import tqdm
+
+    from .errors import InvalidImage
+
+    chunks, kept = [], []
+    with tqdm(total=len(paths), desc=f"gate: embed {what}", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            pixels = []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    pixels.append(load_pixels(paths[i], predictor.spec))
+                    kept.append(i)
+                except InvalidImage:
+                    pass  # counted by the caller: the card says how many were used
+            if pixels:
+                chunks.append(predictor.run(normalise(np.stack(pixels), predictor.spec))["embedding"])
+            bar.update(min(batch_size, len(paths) - start))
+    if not chunks:
+        raise SkinscanError(f"none of the {len(paths)} {what} images could be read")
+    return np.concatenate(chunks), kept

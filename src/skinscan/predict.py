@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,19 +12,26 @@ from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from .card import ADVICE, ModelCard, card_from_metadata, default_model_path, sha256_file
 from .data import IMAGE_SUFFIXES
 from .errors import InvalidImage, ModelLoadError, SkinscanError
 from .metrics import sigmoid
 from .preprocess import ImageSource, load_pixels, normalise
+from .quality import QualityGate, QualityReport, Verdict
 
 Decision = Literal["refer", "monitor"]
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The result for one image. `probability` is calibrated; `decision` uses the model's threshold."""
+    """The result for one image. `probability` is calibrated; `decision` uses the model's threshold.
+
+    `quality` is the quality gate's verdict ("ok" or "retake"; None when the image could not be read) and
+    `reasons` says what to fix. A retake has no probability or decision unless the prediction was forced
+    (`force=True`); `quality_report` holds the gate's measures.
+    """
 
     path: str | None
     probability: float | None
@@ -32,10 +41,19 @@ class Prediction:
     error: str | None = None
     timings_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     cam: np.ndarray | None = field(default=None, repr=False, compare=False)
+    quality: Verdict | None = None
+    reasons: tuple[str, ...] = ()
+    quality_report: QualityReport | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def unforced(self) -> Prediction:
+        """This result as an unforced prediction gives it: a retake loses its probability and decision."""
+        if self.quality != "retake" or self.probability is None:
+            return self
+        return dataclasses.replace(self, probability=None, decision=None, logit=None, cam=None)
 
     @property
     def advice(self) -> str | None:
@@ -49,6 +67,8 @@ class Prediction:
             "threshold": self.threshold,
             "advice": self.advice,
             "error": self.error,
+            "quality": self.quality,
+            "reasons": list(self.reasons),
             "timings_ms": dict(self.timings_ms),
         }
 
@@ -81,6 +101,7 @@ class Predictor:
         self.spec = self.card.spec
         self.sha256 = sha256_file(self.model_path)
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self.gate = QualityGate.from_card(self.card, self._outputs)  # pixel checks, + OOD if the card has one
 
     @property
     def threshold(self) -> float:
@@ -89,16 +110,18 @@ class Predictor:
     def info(self) -> dict:
         return {"name": self.card.name, "version": self.card.version, "sha256": self.sha256}
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Normalised (N, 3, S, S) float32 -> (raw logits (N,), class activation maps (N, h, w) or None)."""
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Normalised (N, 3, S, S) float32 -> the model's outputs by name: `logit` (N,), and where the model
+        has them `cam` (N, h, w) class activation maps and `embedding` (N, C) pooled features."""
         out = dict(zip(self._outputs, self.session.run(None, {self.card.input_name: batch}), strict=True))
-        return out["logit"].reshape(-1), out.get("cam")
+        out["logit"] = out["logit"].reshape(-1)
+        return out
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         return sigmoid(np.asarray(logits, dtype=np.float64) / self.card.temperature)
 
-    def __call__(self, source: ImageSource, name: str | None = None) -> Prediction:
-        return self.predict([source], names=[name] if name else None)[0]
+    def __call__(self, source: ImageSource, name: str | None = None, *, force: bool = False) -> Prediction:
+        return self.predict([source], names=[name] if name else None, force=force)[0]
 
     def predict(
         self,
@@ -107,34 +130,45 @@ class Predictor:
         names: Sequence[str | None] | None = None,
         batch_size: int = 16,
         progress: Callable[[int], None] | None = None,
+        force: bool = False,
     ) -> list[Prediction]:
-        """Predict many images; one that cannot be read yields a Prediction with `error` set."""
+        """Predict many images; one that cannot be read yields a Prediction with `error` set.
+
+        Every image passes the quality gate first: a photo to retake gets `quality="retake"`, its reasons,
+        and no probability, unless `force` (then it has both, and stays a retake).
+        """
         if names is None:
             names = [str(s) if isinstance(s, (str, Path)) else None for s in sources]
         results: list[Prediction] = []
         for start in range(0, len(sources), batch_size):
             chunk = list(zip(sources[start : start + batch_size], names[start : start + batch_size], strict=True))
-            results.extend(self._predict_chunk(chunk))
+            results.extend(self._predict_chunk(chunk, force))
             if progress:
                 progress(len(chunk))
         return results
 
-    def _predict_chunk(self, chunk: list[tuple[ImageSource, str | None]]) -> list[Prediction]:
-        pixels, decode_ms, errors = [], [], {}
+    def _predict_chunk(self, chunk: list[tuple[ImageSource, str | None]], force: bool) -> list[Prediction]:
+        pixels, sides, decode_ms, errors = [], [], [], {}
         for i, (source, _) in enumerate(chunk):
             t = time.perf_counter()
             try:
-                pixels.append(load_pixels(source, self.spec))
+                data = _read(source)
+                pixels.append(load_pixels(data, self.spec))
+                sides.append(_shorter_side(data))
             except InvalidImage as exc:
                 errors[i] = str(exc)
             decode_ms.append((time.perf_counter() - t) * 1000)
-        logits = cams = None
-        infer_ms = 0.0
+        infer_ms = gate_ms = 0.0
         if pixels:
+            batch = np.stack(pixels)
             t = time.perf_counter()
-            logits, cams = self.run(normalise(np.stack(pixels), self.spec))
+            outputs = self.run(normalise(batch, self.spec))
+            logits, cams = outputs["logit"], outputs.get("cam")
             infer_ms = (time.perf_counter() - t) * 1000 / len(pixels)
             probs = self.calibrate(logits)
+            t = time.perf_counter()
+            reports = self.gate.check(batch, sides, outputs.get("embedding"))
+            gate_ms = (time.perf_counter() - t) * 1000 / len(pixels)
         out, j = [], 0
         for i, (_, name) in enumerate(chunk):
             if i in errors:
@@ -149,7 +183,8 @@ class Predictor:
                     )
                 )
                 continue
-            p = float(probs[j])
+            p, report = float(probs[j]), reports[j]
+            timings = {"decode": round(decode_ms[i], 3), "infer": round(infer_ms, 3), "gate": round(gate_ms, 3)}
             out.append(
                 Prediction(
                     path=name,
@@ -157,12 +192,39 @@ class Predictor:
                     decision="refer" if p >= self.threshold else "monitor",
                     threshold=self.threshold,
                     logit=float(logits[j]),
-                    timings_ms=MappingProxyType({"decode": round(decode_ms[i], 3), "infer": round(infer_ms, 3)}),
+                    timings_ms=MappingProxyType(timings),
                     cam=None if cams is None else cams[j],
+                    quality=report.verdict,
+                    reasons=report.reasons,
+                    quality_report=report,
                 )
             )
+            if not force:
+                out[-1] = out[-1].unforced()
             j += 1
         return out
+
+
+def _read(source: ImageSource) -> ImageSource:
+    """File contents as bytes (read once: decoding and the size check share them); other sources as given."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        return path.read_bytes() if path.is_file() else source  # a missing file: load_pixels says so
+    if isinstance(source, (bytes, bytearray, memoryview, Image.Image)):
+        return source
+    return source.read()  # a file object
+
+
+def _shorter_side(data: ImageSource) -> int | None:
+    """The photo's shorter side in pixels, from its header: Pillow's `open` parses the header and decodes
+    nothing (the pixels come from `load_pixels`, once). EXIF rotation does not change the shorter side."""
+    if isinstance(data, Image.Image):
+        return min(data.size)
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as img:
+            return min(img.size)
+    except Exception:  # load_pixels already read it; a header Pillow cannot parse again only skips the size check
+        return None
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:

@@ -132,14 +132,15 @@ class ErrorResponse(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """`Prediction.to_dict()` (without path/error) plus the model; fields Prediction gains later pass through."""
+    """`Prediction.to_dict()` (without path/error) plus the model; fields Prediction gains later pass through,
+    such as the quality gate's `quality` ("ok" | "retake") and `reasons` (sentences: what to fix)."""
 
     model_config = ConfigDict(extra="allow")
 
-    probability: float
-    decision: Literal["refer", "monitor"]
+    probability: float | None = Field(None, description="null when the photo should be retaken (unless force)")
+    decision: Literal["refer", "monitor"] | None = None
     threshold: float
-    advice: str
+    advice: str | None = None
     model: ModelInfo
     timing_ms: dict[str, float]
     # only with ?explain=true (see skinscan.explain for what the map shows)
@@ -250,6 +251,7 @@ class _Metrics:
 class _Item:
     data: bytes
     future: asyncio.Future[Prediction]
+    force: bool = False  # keep the probability of a photo the quality gate refuses
     queued: float = field(default_factory=time.perf_counter)
 
 
@@ -283,10 +285,10 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, data: bytes) -> Prediction:
+    async def submit(self, data: bytes, force: bool = False) -> Prediction:
         if self._closing:
             raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
-        item = _Item(data, asyncio.get_running_loop().create_future())
+        item = _Item(data, asyncio.get_running_loop().create_future(), force)
         self._queue.put_nowait(item)
         return await item.future
 
@@ -330,11 +332,11 @@ class Batcher:
         self.metrics.inference.observe(time.perf_counter() - started)
         for it, pred in zip(items, preds, strict=True):
             if not it.future.done():
-                it.future.set_result(pred)
+                it.future.set_result(pred if it.force else pred.unforced())
 
     def _predict(self, datas: list[bytes]) -> list[Prediction]:
         try:
-            return self.predictor.predict(datas, batch_size=len(datas))
+            return self.predictor.predict(datas, batch_size=len(datas), force=True)  # unforced per item later
         except Exception as exc:
             # Decoding is expected to raise only InvalidImage; if a malformed file trips something else,
             # find the culprit so that one bad image cannot fail its neighbours.
@@ -343,7 +345,7 @@ class Batcher:
 
     def _predict_one(self, data: bytes) -> Prediction:
         try:
-            return self.predictor.predict([data])[0]
+            return self.predictor.predict([data], force=True)[0]
         except Exception as exc:
             try:  # decode only: if this fails too, the image is at fault, not the server
                 load_pixels(data, self.predictor.spec)
@@ -472,11 +474,18 @@ def _check_pixels(data: bytes, max_pixels: int) -> None:
         raise _too_many_pixels(width, height, max_pixels)
 
 
-def _images_from_body(body: bytes, content_type: str, *, batch: bool, max_items: int) -> list[bytes | ApiError]:
-    """The request's images (or, in a batch, a per-item error) from one of the three accepted shapes."""
+def _images_from_body(
+    body: bytes, content_type: str, *, batch: bool, max_items: int, options: dict[str, Any] | None = None
+) -> list[bytes | ApiError]:
+    """The request's images (or, in a batch, a per-item error) from one of the three accepted shapes.
+    `options` receives the flags a JSON body sets beside its images (`force`)."""
     mime = _check_content_type(content_type)
     if mime == "application/json" or mime.endswith("+json"):
         doc = _parse_json(body)
+        if isinstance(doc, dict) and "force" in doc and options is not None:
+            if not isinstance(doc["force"], bool):
+                raise ApiError(400, "invalid_request", '"force" must be true or false (a JSON boolean)')
+            options["force"] = doc["force"]
         if batch:
             items = doc.get("images") if isinstance(doc, dict) else doc
             if not isinstance(items, list):
@@ -641,7 +650,7 @@ def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (predictor.spec.size, predictor.spec.size), (180, 140, 120)).save(buf, "PNG")
     for n in sorted({1, max_batch_size}):
-        preds = predictor.predict([buf.getvalue()] * n, batch_size=n)
+        preds = predictor.predict([buf.getvalue()] * n, batch_size=n, force=True)  # a flat image: a retake
         bad = [p for p in preds if not p.ok or p.probability is None or not math.isfinite(p.probability)]
         if bad:
             raise RuntimeError(f"warm-up inference failed: {bad[0].error or bad[0].probability}")
@@ -772,8 +781,9 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             raise ApiError(503, "not_ready", "the model is not loaded yet; retry when /v2/health/ready says 200")
         return state.predictor, state.batcher
 
-    async def take_images(request: Request, *, batch: bool) -> tuple[list[bytes | ApiError], float]:
-        """Read (with the size limit) and decode the body in the parse pool; returns images and the deadline."""
+    async def take_images(request: Request, *, batch: bool) -> tuple[list[bytes | ApiError], float, bool]:
+        """Read (with the size limit) and decode the body in the parse pool; returns images, the deadline and
+        the JSON body's `force` flag."""
         started = time.perf_counter()
         deadline = started + settings.request_timeout_s
         _, batcher = service()
@@ -785,27 +795,32 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             ApiError(408, "request_timeout", f"the body did not arrive within {settings.request_timeout_s:g} s"),
         )
         batcher.parsing += 1
+        options: dict[str, Any] = {}
         try:
             loop = asyncio.get_running_loop()
             images = await loop.run_in_executor(
                 state.pool,
                 lambda: [
                     _catch(_checked, im, settings.max_pixels) if isinstance(im, bytes) else im
-                    for im in _images_from_body(body, content_type, batch=batch, max_items=settings.max_batch_items)
+                    for im in _images_from_body(
+                        body, content_type, batch=batch, max_items=settings.max_batch_items, options=options
+                    )
                 ],
             )
         finally:
             batcher.parsing -= 1
-        return images, deadline
+        return images, deadline, options.get("force", False)
 
-    async def predict_all(images: list[bytes | ApiError], deadline: float) -> list[Prediction | ApiError]:
+    async def predict_all(
+        images: list[bytes | ApiError], deadline: float, force: bool = False
+    ) -> list[Prediction | ApiError]:
         _, batcher = service()
         timeout = ApiError(
             503, "timeout", f"no answer within {settings.request_timeout_s:g} s: the server is busy, retry later"
         )
 
         async def one(im: bytes | ApiError) -> Prediction | ApiError:
-            return im if isinstance(im, ApiError) else await batcher.submit(im)
+            return im if isinstance(im, ApiError) else await batcher.submit(im, force)
 
         return await _within(asyncio.gather(*(one(im) for im in images)), deadline - time.perf_counter(), timeout)
 
@@ -819,17 +834,19 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         openapi_extra=_PREDICT_BODY,
         dependencies=protected,
     )
-    async def predict(request: Request, explain: bool = False) -> JSONResponse:
-        """`?explain=true` adds `heatmap_png` and `heatmap`: the regions that drove the prediction."""
+    async def predict(request: Request, explain: bool = False, force: bool = False) -> JSONResponse:
+        """`?explain=true` adds `heatmap_png` and `heatmap`: the regions that drove the prediction.
+        A photo the quality gate refuses is a 200 answer with `quality: "retake"`, its `reasons` and no
+        probability; `?force=true` (or `"force": true` in a JSON body) adds the probability anyway."""
         started = time.perf_counter()
-        images, deadline = await take_images(request, batch=False)
-        (result,) = await predict_all(images, deadline)
+        images, deadline, body_force = await take_images(request, batch=False)
+        (result,) = await predict_all(images, deadline, force or body_force)
         if isinstance(result, ApiError):
             raise result
         if not result.ok:
             raise _as_error(result)
         predictor, _ = service()
-        metrics.images.labels("ok").inc()
+        metrics.images.labels("retake" if result.quality == "retake" else "ok").inc()
         heatmap: dict[str, Any] = {}
         timing: dict[str, float] = {}
         if explain:
@@ -849,10 +866,11 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         openapi_extra=_BATCH_BODY,
         dependencies=protected,
     )
-    async def predict_batch(request: Request) -> JSONResponse:
+    async def predict_batch(request: Request, force: bool = False) -> JSONResponse:
+        """Per item: a prediction, a photo to retake (`quality: "retake"`; `force` as in /v1/predict), or an error."""
         started = time.perf_counter()
-        images, deadline = await take_images(request, batch=True)
-        results = await predict_all(images, deadline)
+        images, deadline, body_force = await take_images(request, batch=True)
+        results = await predict_all(images, deadline, force or body_force)
         items = []
         for i, r in enumerate(results):
             err = r if isinstance(r, ApiError) else (None if r.ok else _as_error(r))
@@ -861,7 +879,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
                 metrics.errors.labels(err.code).inc()
                 items.append({"index": i, "error": {"code": err.code, "message": err.message}})
             else:
-                metrics.images.labels("ok").inc()
+                metrics.images.labels("retake" if r.quality == "retake" else "ok").inc()
                 items.append({"index": i, **_encode(r, {})})
         predictor, _ = service()
         timing = {"total": round((time.perf_counter() - started) * 1000, 3)}
