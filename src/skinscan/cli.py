@@ -16,6 +16,7 @@ from . import __version__
 from .errors import SkinscanError
 
 if TYPE_CHECKING:
+    from .answers import Answers
     from .predict import Prediction
 
 DATA_ROOT_ENV = "SKINSCAN_DATA"
@@ -47,11 +48,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = collect_images(args.paths)
     if not paths:
         raise SkinscanError("no image files found in the given paths")
+    answers = _answers_for(args, paths)  # checked before the model loads: a typo fails fast
     predictor = Predictor(args.model)
     with tqdm(
         total=len(paths), desc="skinscan", unit="img", file=sys.stderr, disable=len(paths) < 20 or args.quiet
     ) as bar:
-        results = predictor.predict(paths, batch_size=args.batch_size, progress=bar.update, force=args.force)
+        results = predictor.predict(
+            paths, batch_size=args.batch_size, progress=bar.update, force=args.force, answers=answers
+        )
     rows = [r.to_dict() for r in results]
     if args.explain:
         for row, path in zip(rows, _write_heatmaps(Path(args.explain), paths, results), strict=True):
@@ -68,16 +72,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         table.add_column("decision", ratio=2)
         table.add_column("threshold", justify="right")
         table.add_column("quality", ratio=3)
+        adjusted = any(r.adjustments for r in results)
+        if adjusted:
+            table.add_column("answers (photo alone; each answer's effect on the odds)", ratio=4)
         for r in results:
             quality = "ok" if r.quality == "ok" else f"[yellow]retake: {'; '.join(r.reasons)}[/]" if r.quality else "-"
+            extra = [_answers_cell(r)] if adjusted else []
             if r.ok and r.probability is not None:
                 style = "bold red" if r.decision == "refer" else "green"
                 probability, decision = f"{r.probability:.3f}", f"[{style}]{r.decision}[/]"
-                table.add_row(r.path, probability, decision, f"{r.threshold:.3f}", quality)
+                table.add_row(r.path, probability, decision, f"{r.threshold:.3f}", quality, *extra)
             elif r.ok:  # a photo to retake: no estimate unless --force
-                table.add_row(r.path, "-", "[yellow]retake the photo[/]", f"{r.threshold:.3f}", quality)
+                table.add_row(r.path, "-", "[yellow]retake the photo[/]", f"{r.threshold:.3f}", quality, *extra)
             else:
-                table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", f"{r.threshold:.3f}", quality)
+                table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", f"{r.threshold:.3f}", quality, *extra)
         console.print(table)
         console.print(
             "refer = see a dermatologist soon; monitor = keep an eye on it, and see a doctor if it "
@@ -95,6 +103,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(results)} file(s) could not be read (see the error column)", file=sys.stderr)
     return 1 if failed == len(results) else 0
+
+
+def _answers_for(args: argparse.Namespace, paths: list[Path]) -> list[Answers | None] | None:
+    """The answers per image, from --answers FILE.csv or from the answer flags (one image only)."""
+    from .answers import ANSWER_FIELDS, Answers, match_answers, read_answers_csv
+    from .errors import InvalidAnswers
+
+    flags = {name: getattr(args, name) for name in ANSWER_FIELDS if getattr(args, name) is not None}
+    if args.answers and flags:
+        raise InvalidAnswers("give the answers either in --answers FILE.csv or as flags (--age ...), not both")
+    if args.answers:
+        return match_answers(read_answers_csv(args.answers), paths)
+    if not flags:
+        return None
+    if len(paths) != 1:
+        shown = " ".join(f"--{name.replace('_', '-')}" for name in flags)
+        raise InvalidAnswers(
+            f"the answer flags ({shown}) describe one photo, but {len(paths)} images were given: "
+            "put the answers of several photos in --answers FILE.csv"
+        )
+    return [Answers(**flags)]
+
+
+def _answers_cell(r: Prediction) -> str:
+    if not r.adjustments or r.image_probability is None:
+        return "-"
+    return "; ".join([f"photo alone {r.image_probability:.3f}", *(a.label for a in r.adjustments)])
 
 
 def _write_heatmaps(folder: Path, paths: list[Path], results: list[Prediction]) -> list[str | None]:
@@ -127,10 +162,18 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         path.write_text(json.dumps(rows, indent=2))
     elif path.suffix.lower() == ".csv":
         cols = ["path", "probability", "decision", "threshold", "advice", "error", "quality", "reasons"]
+        cols += ["image_probability", "adjustments"]
         with path.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
-            w.writerows({**row, "reasons": "; ".join(row.get("reasons") or [])} for row in rows)
+            w.writerows(
+                {
+                    **row,
+                    "reasons": "; ".join(row.get("reasons") or []),
+                    "adjustments": "; ".join(a["label"] for a in row.get("adjustments") or []),
+                }
+                for row in rows
+            )
     else:
         raise SkinscanError(f"--output {path}: use a .csv or .json file name")
 
@@ -229,6 +272,58 @@ def _add_gate(path: Path, run: Path, nonlesion: Path) -> None:
     )
 
 
+# ---------------------------------------------------------------- fit-answers
+def cmd_fit_answers(args: argparse.Namespace) -> int:
+    from .answers import Answers, fit_answer_adjustments, read_oof_logits, section_rows, store_section
+    from .data import load_dataset, read_patient_list
+
+    data = _resolve(args, args.data)
+    records = {f"{r.source}/{r.key}": r for r in load_dataset(data)}
+    recipe, oof = read_oof_logits(args.oof, args.recipe)
+    unknown = [k for k in oof if k not in records]
+    if unknown:
+        raise SkinscanError(
+            f"{len(unknown)} out-of-fold photo(s) are not in {data} (e.g. {unknown[0]}): pass the dataset the "
+            "logits were computed on with --data"
+        )
+    lockbox = Path(args.lockbox)
+    if not lockbox.is_file():
+        raise SkinscanError(f"--lockbox {lockbox}: no such file; run from the repository root or pass the list")
+    locked = read_patient_list(lockbox)
+    keys = sorted(oof)
+    in_box = [k for k in keys if records[k].patient in locked]
+    if in_box:
+        raise SkinscanError(
+            f"{len(in_box)} out-of-fold photo(s) belong to patients of the locked box {lockbox} (e.g. {in_box[0]}): "
+            "the adjustments are never fitted on the locked box"
+        )
+    wrong = [k for k in keys if oof[k][0] != records[k].label]
+    if wrong:
+        raise SkinscanError(f"{len(wrong)} label(s) in {args.oof} disagree with {data} (e.g. {wrong[0]})")
+    section = fit_answer_adjustments(
+        [oof[k][2] for k in keys],
+        [Answers.from_phone_record(records[k].meta) for k in keys],
+        [records[k].label for k in keys],
+        [records[k].group for k in keys],
+        l2=args.l2,
+        fitted_on={
+            "image_logits": f"{Path(args.oof).as_posix()}, recipe {recipe!r}: out-of-fold, patient-grouped",
+            "data": Path(data).name,
+            "photos": len(keys),
+            "excluded_patients": lockbox.as_posix(),
+        },
+    )
+    side = store_section(Path(args.model), section)
+    print(
+        f"fitted on {section['n_records']} photos of {section['n_patients']} patients (out-of-fold logits of "
+        f"{recipe!r}; offset temperature {section['offset_temperature']:.3f}); odds ratio per answer:"
+    )
+    for name, value, ratio, n, count in section_rows(section):
+        print(f"  {name:>20} {value:<22} x{ratio:6.3f}   ({count} of {n} records where known)")
+    print(f"stored in the model card of {args.model} (and {side})")
+    return 0
+
+
 # ---------------------------------------------------------------- serve
 _SERVE_FLAGS = (
     "host",
@@ -319,6 +414,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write heatmap overlays DIR/<name>.heatmap.png: where the photo pushed the risk up most",
     )
+    g = p.add_argument_group(
+        "answers about the spot (optional)",
+        "What a photo cannot show adjusts the estimate, each known answer by its own odds ratio; unknown "
+        "answers change nothing. The flags describe one photo; for several use --answers.",
+    )
+    g.add_argument(
+        "--answers",
+        metavar="FILE.csv",
+        help="answers per image: columns path,age,sex,body_site,diameter_mm,itch,grew,hurt,changed,bleed,"
+        "elevated,skin_cancer_history (path as given or resolved, or a bare file name where unique; "
+        "an empty cell is unknown)",
+    )
+    g.add_argument("--age", help="age in years")
+    g.add_argument("--sex", help="female or male")
+    g.add_argument(
+        "--body-site",
+        dest="body_site",
+        help="abdomen, arm, back, chest, ear, face, foot, forearm, hand, lip, neck, nose, scalp or thigh",
+    )
+    g.add_argument("--diameter-mm", dest="diameter_mm", help="the spot's widest extent in millimetres")
+    for name, question in (
+        ("itch", "does it itch?"),
+        ("grew", "has it grown in the last months?"),
+        ("hurt", "does it hurt?"),
+        ("changed", "has it changed (shape, colour) in the last months?"),
+        ("bleed", "does it bleed?"),
+        ("elevated", "is it raised above the skin?"),
+        ("skin_cancer_history", "has the person had skin cancer before?"),
+    ):
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="yes|no", help=question)
     p.set_defaults(func=cmd_predict)
 
     common_data = argparse.ArgumentParser(add_help=False)
@@ -380,6 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
         f"non-lesion tuning pictures (default {DEFAULT_NONLESION}, from the repository root)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "fit-answers",
+        parents=[common_data],
+        help="fit the answers' adjustments and store them in a model's card",
+        description="Fit each answer's log-odds adjustment (skinscan.answers) on out-of-fold image logits of "
+        "the phone photos outside the locked box, and write them into the model's card (the ONNX file and "
+        "<name>.card.json). Needs the `onnx` package (skinscan[train]).",
+    )
+    p.add_argument("--model", required=True, help="ONNX model whose card receives the adjustments (rewritten)")
+    p.add_argument("--oof", required=True, help="results JSON of benchmarks/ablation_phone.py with oof_phone logits")
+    p.add_argument("--recipe", required=True, help="the recipe whose logits to use: the start of its name, e.g. C")
+    p.add_argument(
+        "--data", default="pad-ufes-20-phone", help="the dataset the logits score (default pad-ufes-20-phone)"
+    )
+    p.add_argument(
+        "--lockbox",
+        default="splits/pad-ufes-20-phone-lockbox.txt",
+        help="patients that must not be among the fitted photos (default splits/pad-ufes-20-phone-lockbox.txt)",
+    )
+    p.add_argument("--l2", type=float, default=1.0, help="ridge penalty on each answer's contrast (default 1)")
+    p.set_defaults(func=cmd_fit_answers)
 
     p = sub.add_parser(
         "serve",

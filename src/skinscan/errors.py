@@ -23,6 +23,16 @@ class DatasetError(SkinscanError):
     """A dataset folder or table is missing or not in a format skinscan reads."""
 
 
+class InvalidAnswers(SkinscanError):
+    """An answer about the lesion (age, body site, yes/no...) is not a valid value, or cannot be used.
+
+    `fields` names the answers at fault (e.g. ("age",)) so that a form can point at them."""
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+
 class MissingExtra(SkinscanError):
     """An optional dependency group (e.g. `train`) is needed but not installed."""
 

@@ -14,9 +14,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from .answers import Adjustment, Answers, apply_answers, section_from_card
 from .card import ADVICE, ModelCard, card_from_metadata, default_model_path, sha256_file
 from .data import IMAGE_SUFFIXES
-from .errors import InvalidImage, ModelLoadError, SkinscanError
+from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
 from .metrics import sigmoid
 from .preprocess import ImageSource, load_pixels, normalise
 from .quality import QualityGate, QualityReport, Verdict
@@ -31,6 +32,9 @@ class Prediction:
     `quality` is the quality gate's verdict ("ok" or "retake"; None when the image could not be read) and
     `reasons` says what to fix. A retake has no probability or decision unless the prediction was forced
     (`force=True`); `quality_report` holds the gate's measures.
+
+    With answers about the spot (`skinscan.answers`), `adjustments` lists how each known answer moved the
+    log-odds, `probability` includes them and `image_probability` is the photo's alone.
     """
 
     path: str | None
@@ -44,6 +48,8 @@ class Prediction:
     quality: Verdict | None = None
     reasons: tuple[str, ...] = ()
     quality_report: QualityReport | None = field(default=None, repr=False, compare=False)
+    adjustments: tuple[Adjustment, ...] = ()
+    image_probability: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,7 +59,9 @@ class Prediction:
         """This result as an unforced prediction gives it: a retake loses its probability and decision."""
         if self.quality != "retake" or self.probability is None:
             return self
-        return dataclasses.replace(self, probability=None, decision=None, logit=None, cam=None)
+        return dataclasses.replace(
+            self, probability=None, decision=None, logit=None, cam=None, adjustments=(), image_probability=None
+        )
 
     @property
     def advice(self) -> str | None:
@@ -69,6 +77,8 @@ class Prediction:
             "error": self.error,
             "quality": self.quality,
             "reasons": list(self.reasons),
+            "adjustments": [a.to_dict() for a in self.adjustments],
+            "image_probability": self.image_probability,
             "timings_ms": dict(self.timings_ms),
         }
 
@@ -102,6 +112,7 @@ class Predictor:
         self.sha256 = sha256_file(self.model_path)
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.gate = QualityGate.from_card(self.card, self._outputs)  # pixel checks, + OOD if the card has one
+        self.answers_section = section_from_card(self.card)  # the answers' adjustments; None if not fitted
 
     @property
     def threshold(self) -> float:
@@ -120,8 +131,36 @@ class Predictor:
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         return sigmoid(np.asarray(logits, dtype=np.float64) / self.card.temperature)
 
-    def __call__(self, source: ImageSource, name: str | None = None, *, force: bool = False) -> Prediction:
-        return self.predict([source], names=[name] if name else None, force=force)[0]
+    def __call__(
+        self, source: ImageSource, name: str | None = None, *, force: bool = False, answers: Answers | None = None
+    ) -> Prediction:
+        return self.predict(
+            [source], names=[name] if name else None, force=force, answers=None if answers is None else [answers]
+        )[0]
+
+    def adjust(self, prediction: Prediction, answers: Answers | None) -> Prediction:
+        """`prediction` with the known answers' adjustments: probability = sigmoid(logit / temperature +
+        their sum), decision at the same threshold. No known answer (or no probability): unchanged."""
+        if answers is None or answers.empty or prediction.probability is None or prediction.logit is None:
+            return prediction
+        logit, adjustments = apply_answers(prediction.logit / self.card.temperature, answers, self._section())
+        p = float(sigmoid(logit))
+        return dataclasses.replace(
+            prediction,
+            probability=p,
+            decision="refer" if p >= self.threshold else "monitor",
+            adjustments=adjustments,
+            image_probability=prediction.probability,
+        )
+
+    def _section(self) -> dict:
+        """The card's answers section; a model without one refuses answers (never ignores them silently)."""
+        if self.answers_section is None:
+            raise InvalidAnswers(
+                f"the model {self.card.name} {self.card.version} has no adjustments for answers in its card: "
+                "predict without answers, or fit them with `skinscan fit-answers`"
+            )
+        return self.answers_section
 
     def predict(
         self,
@@ -131,20 +170,29 @@ class Predictor:
         batch_size: int = 16,
         progress: Callable[[int], None] | None = None,
         force: bool = False,
+        answers: Sequence[Answers | None] | None = None,
     ) -> list[Prediction]:
         """Predict many images; one that cannot be read yields a Prediction with `error` set.
 
         Every image passes the quality gate first: a photo to retake gets `quality="retake"`, its reasons,
         and no probability, unless `force` (then it has both, and stays a retake).
+        `answers` (one per image, None for none) adjust each estimate: see `adjust`.
         """
         if names is None:
             names = [str(s) if isinstance(s, (str, Path)) else None for s in sources]
+        if answers is not None:
+            if len(answers) != len(sources):
+                raise InvalidAnswers(f"{len(answers)} sets of answers for {len(sources)} images: give one per image")
+            if any(a is not None and not a.empty for a in answers):
+                self._section()  # before any inference: a model without adjustments refuses answers
         results: list[Prediction] = []
         for start in range(0, len(sources), batch_size):
             chunk = list(zip(sources[start : start + batch_size], names[start : start + batch_size], strict=True))
             results.extend(self._predict_chunk(chunk, force))
             if progress:
                 progress(len(chunk))
+        if answers is not None:
+            results = [self.adjust(r, a) for r, a in zip(results, answers, strict=True)]
         return results
 
     def _predict_chunk(self, chunk: list[tuple[ImageSource, str | None]], force: bool) -> list[Prediction]:

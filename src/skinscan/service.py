@@ -18,12 +18,21 @@ Every bad input is answered by `_error_response`, the one place that maps errors
 | 415    | unsupported_media_type                     | a content type other than JSON, multipart, image/*  |
 | 422    | invalid_image, too_many_pixels             | the bytes are not a usable image (not an image,     |
 |        |                                            | truncated, unsupported format, decompression bomb)  |
+| 422    | invalid_answers                            | an answer about the spot is out of range or not one |
+|        |                                            | of its choices (the message names it)               |
 | 501    | explain_unavailable                        | explain=true, but the model has no heatmap output   |
+| 501    | answers_unavailable                        | answers sent, but the model has no adjustments      |
 | 503    | timeout, not_ready, shutting_down          | busy past the time limit, still loading, stopping   |
 | 500    | internal                                   | a bug (never the client's input): see the log       |
 
 `/` serves the web page (static files in `skinscan/web`, no build step); `?explain=true` on
 /v1/predict adds the heatmap (`skinscan.explain`).
+
+Answers about the spot (`skinscan.answers`: age, sex, body_site, diameter_mm, and yes/no/unknown for itch,
+grew, hurt, changed, bleed, elevated, skin_cancer_history) travel beside the image: `"answers": {...}` in a
+JSON body (per item in a batch: `{"image": ..., "answers": {...}}`), and in multipart either as form fields
+named like the answers or as an `answers` field holding the JSON object (in a batch: one `answers` field
+per `file`, in order). Each known answer's adjustment comes back in `adjustments`.
 
 Images stay in memory (multipart bodies are parsed here, never spooled to disk) and never reach the
 logs; logs carry the request id, sizes, status and timings only.
@@ -65,7 +74,8 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import InvalidImage
+from .answers import ANSWER_FIELDS, Answers
+from .errors import InvalidAnswers, InvalidImage
 from .explain import DEFAULT_MAX_SIDE, explain, png_bytes
 from .predict import Prediction, Predictor
 from .preprocess import MAX_PIXELS, load_pixels
@@ -131,6 +141,14 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class AdjustmentOut(BaseModel):
+    answer: str = Field(description="the answer's name, e.g. bleed")
+    value: float | str
+    log_odds: float = Field(description="added to the photo's calibrated log-odds")
+    odds_ratio: float = Field(description="the odds are multiplied by this")
+    label: str = Field(description='for people, e.g. "bleeding: odds x3.1"')
+
+
 class PredictResponse(BaseModel):
     """`Prediction.to_dict()` (without path/error) plus the model; fields Prediction gains later pass through,
     such as the quality gate's `quality` ("ok" | "retake") and `reasons` (sentences: what to fix)."""
@@ -143,6 +161,10 @@ class PredictResponse(BaseModel):
     advice: str | None = None
     model: ModelInfo
     timing_ms: dict[str, float]
+    adjustments: list[AdjustmentOut] = Field(
+        default_factory=list, description="how each known answer moved the estimate (none without answers)"
+    )
+    image_probability: float | None = Field(None, description="the photo's estimate alone, when answers moved it")
     # only with ?explain=true (see skinscan.explain for what the map shows)
     heatmap_png: str | None = Field(
         None,
@@ -199,6 +221,8 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
         status, code, message, headers = exc.status, exc.code, exc.message, exc.headers
     elif isinstance(exc, InvalidImage):
         status, code, message = 422, "invalid_image", str(exc)
+    elif isinstance(exc, InvalidAnswers):
+        status, code, message = 422, "invalid_answers", str(exc)
     elif isinstance(exc, RequestValidationError):
         status, code, message = 422, "invalid_request", str(exc.errors())[:500]
     elif isinstance(exc, StarletteHTTPException):
@@ -478,11 +502,13 @@ def _images_from_body(
     body: bytes, content_type: str, *, batch: bool, max_items: int, options: dict[str, Any] | None = None
 ) -> list[bytes | ApiError]:
     """The request's images (or, in a batch, a per-item error) from one of the three accepted shapes.
-    `options` receives the flags a JSON body sets beside its images (`force`)."""
+    `options` receives the flags a JSON body sets beside its images (`force`), and the answers per image
+    (`answers`: Answers, None, or in a batch a per-item error)."""
+    options = {} if options is None else options
     mime = _check_content_type(content_type)
     if mime == "application/json" or mime.endswith("+json"):
         doc = _parse_json(body)
-        if isinstance(doc, dict) and "force" in doc and options is not None:
+        if isinstance(doc, dict) and "force" in doc:
             if not isinstance(doc["force"], bool):
                 raise ApiError(400, "invalid_request", '"force" must be true or false (a JSON boolean)')
             options["force"] = doc["force"]
@@ -490,10 +516,21 @@ def _images_from_body(
             items = doc.get("images") if isinstance(doc, dict) else doc
             if not isinstance(items, list):
                 raise ApiError(400, "missing_image", 'expected {"images": ["<base64>", ...]} or a JSON list')
+            if isinstance(doc, dict) and "answers" in doc:
+                raise ApiError(
+                    400,
+                    "invalid_answers",
+                    'a batch takes answers per image: {"images": [{"image": "<base64>", "answers": {...}}, ...]}',
+                )
             _check_count(len(items), max_items)
+            options["answers"] = [
+                _catch(_answers, it.get("answers"), f"images[{i}].answers") if isinstance(it, dict) else None
+                for i, it in enumerate(items)
+            ]
             return [_catch(_json_image, it, f"images[{i}]") for i, it in enumerate(items)]
         if not isinstance(doc, dict):
             raise ApiError(400, "missing_image", 'expected a JSON object {"image": "<base64>"}')
+        options["answers"] = [_answers(doc.get("answers"), "answers")]
         return [_json_image(doc, "body")]
     if mime == "multipart/form-data":
         parts = _parse_multipart(body, content_type)
@@ -505,9 +542,62 @@ def _images_from_body(
             _check_count(len(files), max_items)
         elif len(files) > 1:
             raise ApiError(400, "too_many_images", "one 'file' per request here; use /v1/predict/batch for several")
+        options["answers"] = _form_answers(parts, len(files), batch)
         return [d if d else ApiError(400, "empty_image", "the uploaded file is empty (0 bytes)") for d in files]
     _check_content_type(content_type)
     return [body]  # a raw image/* body
+
+
+def _answers(value: Any, where: str) -> Answers | None:
+    """A JSON `answers` object (absent or null: none). A bad value is a 422 naming the answer."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_answers", f'{where} must be an object, e.g. {{"age": 67, "bleed": "yes"}}')
+    try:
+        return Answers.from_mapping(value, where)
+    except InvalidAnswers as exc:
+        raise ApiError(422, "invalid_answers", str(exc)) from None
+
+
+def _form_answers(parts: list[tuple[str, bytes]], n_files: int, batch: bool) -> list[Answers | ApiError | None]:
+    """Answers from multipart fields: one form field per answer (`age`, `bleed`...) or an `answers` field
+    with the JSON object; in a batch, one `answers` field per file, in order (an empty one: no answers)."""
+    blobs = [data for name, data in parts if name == "answers"]
+    fields = {name: data for name, data in parts if name in ANSWER_FIELDS}
+    if batch:
+        if fields:
+            raise ApiError(
+                400, "invalid_answers", "a batch takes answers per file: one 'answers' field (JSON) per 'file'"
+            )
+        if blobs and len(blobs) != n_files:
+            raise ApiError(
+                400, "invalid_answers", f"{len(blobs)} 'answers' field(s) for {n_files} file(s): send one per file"
+            )
+        return [_catch(_answers_field, b, f"answers[{i}]") for i, b in enumerate(blobs)] or [None] * n_files
+    if len(blobs) > 1:
+        raise ApiError(400, "invalid_answers", "one 'answers' field per request here")
+    values = {}
+    if blobs:
+        values = _answers_field(blobs[0], "answers")
+        values = values.model_dump() if values is not None else {}
+        values = {k: v for k, v in values.items() if v is not None and v != "unknown"}
+    for name, data in fields.items():
+        if name in values:
+            raise ApiError(400, "invalid_answers", f"{name} is given twice: as a form field and in 'answers'")
+        values[name] = data.decode("utf-8", errors="replace")
+    return [_answers(values, "answers") if values else None]
+
+
+def _answers_field(data: bytes, where: str) -> Answers | None:
+    text = data.decode("utf-8", errors="replace").strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ApiError(422, "invalid_answers", f'{where} is not a JSON object, e.g. {{"age": 67}}') from None
+    return _answers(value, where)
 
 
 def _check_content_type(content_type: str) -> str:
@@ -534,7 +624,7 @@ def _check_count(n: int, max_items: int) -> None:
         raise ApiError(400, "too_many_images", f"{n} images in one batch; this server accepts at most {max_items}")
 
 
-def _catch(fn: Callable[..., bytes], *args: Any) -> bytes | ApiError:
+def _catch(fn: Callable[..., _T], *args: Any) -> _T | ApiError:
     try:
         return fn(*args)
     except ApiError as exc:
@@ -749,7 +839,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     )
     app.state.metrics = metrics
     app.state.service = state
-    for exc_type in (ApiError, InvalidImage, RequestValidationError, StarletteHTTPException, Exception):
+    for exc_type in (ApiError, InvalidImage, InvalidAnswers, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, _error_response)  # type: ignore[arg-type]
     if settings.cors_origins:
         app.add_middleware(
@@ -781,9 +871,11 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             raise ApiError(503, "not_ready", "the model is not loaded yet; retry when /v2/health/ready says 200")
         return state.predictor, state.batcher
 
-    async def take_images(request: Request, *, batch: bool) -> tuple[list[bytes | ApiError], float, bool]:
-        """Read (with the size limit) and decode the body in the parse pool; returns images, the deadline and
-        the JSON body's `force` flag."""
+    async def take_images(
+        request: Request, *, batch: bool
+    ) -> tuple[list[bytes | ApiError], float, bool, list[Answers | ApiError | None]]:
+        """Read (with the size limit) and decode the body in the parse pool; returns images, the deadline,
+        the JSON body's `force` flag and the answers per image."""
         started = time.perf_counter()
         deadline = started + settings.request_timeout_s
         _, batcher = service()
@@ -809,7 +901,15 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             )
         finally:
             batcher.parsing -= 1
-        return images, deadline, options.get("force", False)
+        answers = options.get("answers") or [None] * len(images)
+        given = any(isinstance(a, Answers) and not a.empty for a in answers)
+        if given and state.predictor is not None and state.predictor.answers_section is None:
+            raise ApiError(
+                501,
+                "answers_unavailable",
+                "this server's model has no adjustments for answers: send the photo without answers",
+            )
+        return images, deadline, options.get("force", False), answers
 
     async def predict_all(
         images: list[bytes | ApiError], deadline: float, force: bool = False
@@ -839,13 +939,14 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         A photo the quality gate refuses is a 200 answer with `quality: "retake"`, its `reasons` and no
         probability; `?force=true` (or `"force": true` in a JSON body) adds the probability anyway."""
         started = time.perf_counter()
-        images, deadline, body_force = await take_images(request, batch=False)
+        images, deadline, body_force, answers = await take_images(request, batch=False)
         (result,) = await predict_all(images, deadline, force or body_force)
         if isinstance(result, ApiError):
             raise result
         if not result.ok:
             raise _as_error(result)
         predictor, _ = service()
+        result = _adjusted(predictor, result, answers[0])
         metrics.images.labels("retake" if result.quality == "retake" else "ok").inc()
         heatmap: dict[str, Any] = {}
         timing: dict[str, float] = {}
@@ -869,11 +970,16 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     async def predict_batch(request: Request, force: bool = False) -> JSONResponse:
         """Per item: a prediction, a photo to retake (`quality: "retake"`; `force` as in /v1/predict), or an error."""
         started = time.perf_counter()
-        images, deadline, body_force = await take_images(request, batch=True)
+        images, deadline, body_force, answers = await take_images(request, batch=True)
         results = await predict_all(images, deadline, force or body_force)
+        predictor, _ = service()
         items = []
         for i, r in enumerate(results):
             err = r if isinstance(r, ApiError) else (None if r.ok else _as_error(r))
+            if err is None and isinstance(answers[i], ApiError):
+                err = answers[i]  # bad answers fail their item alone, as a bad image does
+            elif err is None:
+                r = _adjusted(predictor, r, answers[i])
             if err is not None:
                 metrics.images.labels("error").inc()
                 metrics.errors.labels(err.code).inc()
@@ -881,7 +987,6 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             else:
                 metrics.images.labels("retake" if r.quality == "retake" else "ok").inc()
                 items.append({"index": i, **_encode(r, {})})
-        predictor, _ = service()
         timing = {"total": round((time.perf_counter() - started) * 1000, 3)}
         return JSONResponse(
             BatchResponse(model=predictor.info(), results=items, timing_ms=timing).model_dump(exclude_none=True)
@@ -916,6 +1021,8 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             "threshold": card.threshold,
             "preprocessing": card.spec.to_dict(),
             "intended_use": card.intended_use,
+            # the answers this model can use beside the photo (null: none; see skinscan.answers)
+            "answers": list(ANSWER_FIELDS) if predictor.answers_section is not None else None,
         }
 
     @app.get(f"/v2/models/{MODEL_ROUTE_NAME}/ready", summary="KServe v2 model readiness", dependencies=protected)
@@ -935,6 +1042,11 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
 
     app.mount("/web", StaticFiles(directory=web), name="web")
     return app
+
+
+def _adjusted(predictor: Predictor, pred: Prediction, answers: Answers | ApiError | None) -> Prediction:
+    """The prediction with its answers' adjustments (after the batcher: the image's inference is shared)."""
+    return predictor.adjust(pred, answers) if isinstance(answers, Answers) else pred
 
 
 def _heatmap(data: bytes | ApiError, pred: Prediction) -> dict[str, Any]:

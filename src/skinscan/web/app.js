@@ -4,12 +4,21 @@
 //
 // The code keeps a list of photos of one spot (`lesion.photos`) although the page takes one photo for
 // now (MAX_PHOTOS): combining several photos of the same spot is a later step.
+//
+// Optional questions about the spot (age, where it is, has it grown, does it bleed...) are shown when the
+// server's model can use them; the answers given travel as form fields beside the photo, and the result
+// lists how each one moved the estimate ("bleeding: odds x3.1").
 
 const MAX_PHOTOS = 1;
 const MAX_SIDE = 1280; // longer side sent to the server: the model looks at 224 px, the quality checks at more
 const MAX_UNSHRUNK_BYTES = 4 * 1024 * 1024; // a small photo is sent as it is, unless its file is this big
 const JPEG_QUALITY = 0.92;
 const KEY_STORAGE = "skinscan-api-key";
+const ANSWER_NAMES = ["age", "sex", "body_site", "diameter_mm", "itch", "grew", "hurt", "changed", "bleed", "elevated", "skin_cancer_history"];
+const NUMBER_HINTS = {
+  age: "Your age: enter a whole number of years from 0 to 120, or leave it empty.",
+  diameter_mm: "Width of the spot: enter millimetres, more than 0 and at most 200, or leave it empty.",
+};
 
 const $ = (id) => document.getElementById(id);
 const lesion = { photos: [] };
@@ -70,11 +79,19 @@ function authHeaders() {
 
 async function check(photo, { force = false } = {}) {
   if (inFlight) inFlight.abort();
+  const answers = collectAnswers();
+  if (!answers) {
+    showError("An answer to the questions is not valid: correct it, or leave it empty, and check again.", "invalid_answers", photo);
+    return;
+  }
   const controller = new AbortController();
   inFlight = controller;
+  photo.forced = force;
+  $("questions-apply").hidden = true;
   showBusy();
   const form = new FormData();
   form.append("file", photo.upload, photo.name);
+  for (const [name, value] of Object.entries(answers)) form.append(name, value);
   const params = new URLSearchParams({ explain: "true" });
   if (force) params.set("force", "true");
   let response;
@@ -101,7 +118,9 @@ async function check(photo, { force = false } = {}) {
   }
   if (!response.ok || !body) {
     const message = body && body.error ? body.error.message : `The server answered with status ${response.status}.`;
-    showError(message, body && body.error ? body.error.code : "", photo);
+    const code = body && body.error ? body.error.code : "";
+    if (code === "invalid_answers") showAnswerError(message);
+    showError(message, code, photo);
     return;
   }
   photo.result = body;
@@ -113,7 +132,11 @@ async function check(photo, { force = false } = {}) {
 async function loadModelInfo() {
   try {
     const response = await fetch("/v2/models/skinscan", { headers: authHeaders() });
-    if (response.ok) showModel((await response.json()).model);
+    if (response.ok) {
+      const meta = await response.json();
+      showModel(meta.model);
+      $("questions").hidden = !Array.isArray(meta.answers) || meta.answers.length === 0;
+    }
   } catch {
     // the page works without it; the model appears with the first result
   }
@@ -139,6 +162,13 @@ function showError(message, code = "", photo = null) {
   const node = fromTemplate("tpl-error");
   node.querySelector(".error-message").textContent = sentence(message);
   if (code) node.dataset.code = code;
+  if (code === "invalid_answers" || code === "answers_unavailable") {
+    node.querySelector(".error-title").textContent = "The answers could not be used";
+    node.querySelector(".error-hint").textContent =
+      code === "invalid_answers"
+        ? "Correct the answer in the questions (or leave it empty) and check again."
+        : "Leave the questions empty to check the photo alone.";
+  }
   setResult(node);
   hideHeatmap();
   if (photo && !photo.url) $("viewer-panel").hidden = true; // nothing to show: the file was not a picture
@@ -256,6 +286,22 @@ function showResult(photo, body) {
     show(".quality-ok");
   }
 
+  const adjustments = Array.isArray(body.adjustments) ? body.adjustments : [];
+  if (hasProbability && adjustments.length) {
+    const box = show(".adjustments");
+    const alone = typeof body.image_probability === "number" ? body.image_probability : null;
+    box.querySelector(".adjustments-lead").textContent =
+      alone === null
+        ? "Your answers changed the estimate:"
+        : `From the photo alone: ${percents(alone, body.threshold)[0]}. Your answers changed it:`;
+    const list = box.querySelector(".adjustments-list");
+    for (const adjustment of adjustments) {
+      const li = document.createElement("li");
+      li.textContent = adjustment.label || `${adjustment.answer}: odds x${adjustment.odds_ratio}`;
+      list.append(li);
+    }
+  }
+
   if (hasProbability) {
     const refer = body.decision === "refer";
     const decision = show(".decision");
@@ -289,6 +335,52 @@ function qualityOf(body) {
   const q = body.quality;
   if (q && typeof q === "object") return { verdict: q.verdict, reasons: q.reasons || body.reasons || [] };
   return { verdict: q, reasons: body.reasons || [] };
+}
+
+// ------------------------------------------------------------------ questions about the spot
+// The answers given, as {name: value} (unanswered questions left out), or null when one is not valid.
+function collectAnswers() {
+  const answers = {};
+  if ($("questions").hidden) return answers;
+  const form = $("questions-form");
+  clearAnswerError();
+  for (const name of ANSWER_NAMES) {
+    const field = form.elements[name];
+    if (!field) continue;
+    if (field instanceof HTMLInputElement && field.type === "number") {
+      if (!field.validity.valid) {
+        showAnswerError(NUMBER_HINTS[name] || "Enter a number, or leave it empty.", name);
+        return null;
+      }
+      if (field.value.trim() !== "") answers[name] = field.value.trim();
+    } else if (field.value) {
+      answers[name] = field.value; // a <select>, or the checked radio button of a yes/no question
+    }
+  }
+  return answers;
+}
+
+// Say what is wrong beside the questions; `name` (or the first answer the server's message names) is marked.
+function showAnswerError(message, name = null) {
+  const field = name || ANSWER_NAMES.find((n) => new RegExp(`\\b${n}\\b`).test(message));
+  $("questions").open = true;
+  const box = $("questions-error");
+  box.textContent = sentence(message);
+  box.hidden = false;
+  const input = field ? document.getElementById(`q-${field}`) : null;
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    if (input.focus) input.focus();
+  }
+}
+
+function clearAnswerError() {
+  $("questions-error").hidden = true;
+  for (const el of $("questions-form").querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+}
+
+function answersChanged() {
+  $("questions-apply").hidden = lesion.photos.length === 0; // before any photo, the answers go with the first
 }
 
 // ------------------------------------------------------------------ wiring
@@ -331,6 +423,14 @@ function init() {
     }
   });
 
+  $("questions-form").addEventListener("input", answersChanged);
+  $("questions-form").addEventListener("change", answersChanged);
+  $("questions-form").addEventListener("submit", (event) => event.preventDefault());
+  $("questions-apply").addEventListener("click", () => {
+    const photo = lesion.photos[0];
+    // the result is above the questions: bring the new estimate into view
+    if (photo) check(photo, { force: Boolean(photo.forced) }).then(() => $("result-title").scrollIntoView());
+  });
   $("heatmap-toggle").addEventListener("change", applyHeatmapControls);
   $("heatmap-opacity").addEventListener("input", applyHeatmapControls);
   loadModelInfo();
