@@ -1,0 +1,93 @@
+"""Lesion-level prediction: several photos of the same lesion combined into one estimate.
+
+The combined estimate averages the photos' logits (the mean of calibrated log-odds), using only the photos
+the quality gate accepts (all readable photos when forced); the answers about the lesion, if any, then
+adjust the combined estimate once. Measured on the phone set's lesions with several photos:
+benchmarks/bench_phone.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+
+from .answers import Answers
+from .errors import SkinscanError
+from .predict import Prediction, Predictor
+from .preprocess import ImageSource
+
+MAX_PHOTOS = 16
+
+
+@dataclass(frozen=True)
+class LesionPrediction:
+    """`combined` is the lesion's estimate; `photos` the per-photo (image-only) results it came from."""
+
+    combined: Prediction
+    photos: tuple[Prediction, ...]
+    n_used: int
+
+    def to_dict(self) -> dict:
+        return {
+            "combined": {**self.combined.to_dict(), "n_photos": len(self.photos), "n_used": self.n_used},
+            "photos": [p.to_dict() for p in self.photos],
+        }
+
+
+def predict_lesion(
+    predictor: Predictor,
+    sources: Sequence[ImageSource],
+    *,
+    names: Sequence[str | None] | None = None,
+    force: bool = False,
+    answers: Answers | None = None,
+) -> LesionPrediction:
+    """Predict each photo of one lesion, then combine them (see the module docstring)."""
+    if not 1 <= len(sources) <= MAX_PHOTOS:
+        raise SkinscanError(f"a lesion takes 1 to {MAX_PHOTOS} photos, got {len(sources)}")
+    return combine_photos(predictor, predictor.predict(sources, names=names, force=force), answers)
+
+
+def combine_photos(
+    predictor: Predictor, photos: Sequence[Prediction], answers: Answers | None = None
+) -> LesionPrediction:
+    """Combine per-photo (image-only) predictions of one lesion; answers adjust the combined estimate."""
+    photos = tuple(photos)
+    usable = [p for p in photos if p.probability is not None and p.logit is not None]
+    set_aside = [p for p in photos if p not in usable]
+    reasons = tuple(
+        f"photo {p.path or i + 1} was set aside: {p.error or '; '.join(p.reasons) or 'it could not be judged'}"
+        for i, p in enumerate(photos)
+        if p in set_aside
+    )
+    name = f"lesion ({len(photos)} photos)"
+    if not usable:
+        combined = Prediction(
+            path=name,
+            probability=None,
+            decision=None,
+            threshold=predictor.threshold,
+            quality="retake",
+            reasons=reasons or ("no photo could be judged: retake the photos",),
+        )
+        return LesionPrediction(combined, photos, 0)
+    logit = float(np.mean([p.logit for p in usable]))
+    probability = float(predictor.calibrate(np.array([logit]))[0])
+    quality = "ok" if any(p.quality == "ok" for p in usable) else "retake"
+    combined = dataclasses.replace(
+        usable[0],
+        path=name,
+        logit=logit,
+        probability=probability,
+        decision="refer" if probability >= predictor.threshold else "monitor",
+        cam=None,
+        quality=quality,
+        reasons=reasons,
+        quality_report=None,
+        timings_ms=MappingProxyType({"photos": round(sum(sum(p.timings_ms.values()) for p in photos), 3)}),
+    )
+    return LesionPrediction(predictor.adjust(combined, answers), photos, len(usable))
