@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import platform
+import re
 import statistics
 import time
 from collections import Counter
@@ -136,6 +137,7 @@ def _fit_gate_in_memory(predictor: Predictor, data_root: Path, nonlesion: Path, 
         embed(tune),
         train_sources=[r.source for r in records],
         train_groups=[f"{r.source}/{r.group}" for r in records],
+        nonlesion_groups=[re.sub(r"-(full|crop\d+)$", "", p.stem) for p in tune],
     )
     predictor.gate = QualityGate.from_card({"quality_gate": section}, ["embedding"])
     return section["fit"]
@@ -226,8 +228,14 @@ def main() -> None:
         result["gate_fit_seconds"] = round(time.perf_counter() - t, 1)
     result["gate"] = {
         "thresholds": predictor.gate.thresholds.to_dict(),
-        "ood_threshold": None if predictor.gate.ood is None else predictor.gate.ood.threshold,
-        "ood_components": None if predictor.gate.ood is None else int(predictor.gate.ood.basis.shape[0]),
+        "ood": None
+        if predictor.gate.ood is None
+        else {
+            "transform": predictor.gate.ood.transform,
+            "components": int(predictor.gate.ood.basis.shape[0]),
+            "mode": predictor.gate.ood.mode,
+            "probe": predictor.gate.ood.probe is not None,
+        },
     }
 
     def predict(paths_or_bytes: Sequence) -> list[Prediction]:
@@ -295,10 +303,12 @@ def main() -> None:
 
 def _markdown(r: dict) -> str:
     real, nl = r["real"], r["nonlesion"]
+    g = r["gate"]["ood"]
     ood = (
         "off (the card has no quality_gate)"
-        if r["gate"]["ood_threshold"] is None
-        else f"threshold {r['gate']['ood_threshold']:.3f}"
+        if g is None
+        else f"{g['transform']} embedding, {g['components']} components, {g['mode']}"
+        + (" + linear probe" if g["probe"] else "")
     )
 
     def problems(d: dict) -> str:

@@ -134,6 +134,7 @@ def gated(model_path: Path, isic_mvb: Path, pad_ufes: Path) -> Predictor:
         embed(tune),
         train_sources=[r.source for r in train],
         train_groups=[f"{r.source}/{r.group}" for r in train],
+        nonlesion_groups=[re.sub(r"-(full|crop\d+)$", "", p.stem) for p in tune],
     )
     predictor.gate = QualityGate.from_card({CARD_SECTION: section}, ["embedding"])
     return predictor
@@ -230,13 +231,15 @@ def test_fit_keeps_training_rejection_in_budget_and_flags_other_things() -> None
         **{CARD_SECTION: section},
     )
     fit = section["fit"]
-    assert all(rate <= 0.011 for rate in fit["cross_fitted_train_rejection_by_ood"].values()), fit
-    assert fit["chosen"]["components"] in (4, 8) and fit["nonlesion_tune_flag_rate_by_ood"] >= 0.95
+    assert all(rate <= 0.011 for rate in fit["novelty_cross_fitted_train_rejection"].values()), fit
+    assert all(rate <= 0.021 for rate in fit["cross_fitted_train_rejection"].values()), fit  # novelty or probe
+    assert fit["chosen"]["components"] in (4, 8) and fit["nonlesion_tune_flag_rate_cross_fitted"] >= 0.95
     gate = QualityGate.from_card({CARD_SECTION: section}, ["logit", "embedding"])
     scores = gate.ood.scores(other[30:])
-    assert (scores > gate.ood.threshold).mean() >= 0.95
+    assert (scores > 1).mean() >= 0.95
     fresh, _ = _clusters(np.random.default_rng(1), 400)  # unseen photos of the same kinds
-    assert (gate.ood.scores(fresh) > gate.ood.threshold).mean() < 0.05
+    assert (gate.ood.scores(fresh) > 1).mean() < 0.05
+    assert gate.ood.probe is not None and gate.ood.probe.weights.shape == (train.shape[1],)
 
 
 def test_card_round_trip_is_float16_compact_and_faithful() -> None:
@@ -253,7 +256,7 @@ def test_card_round_trip_is_float16_compact_and_faithful() -> None:
 def test_invalid_gate_sections_fail_at_load() -> None:
     rng = np.random.default_rng(3)
     train, _ = _clusters(rng, 300)
-    section = fit_quality_gate(train, rng.uniform(size=(5, 64)), components=(4,))
+    section = fit_quality_gate(train, rng.uniform(size=(12, 64)), components=(4,))
     with pytest.raises(ModelLoadError, match="embedding"):
         QualityGate.from_card({CARD_SECTION: section}, ["logit", "cam"])  # a model without the output
     broken = json.loads(json.dumps(section))

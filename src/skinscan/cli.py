@@ -265,10 +265,11 @@ def _add_gate(path: Path, run: Path, nonlesion: Path) -> None:
         progress=True,
     )
     fit = section["fit"]
+    train = fit.get("cross_fitted_train_rejection", fit["novelty_cross_fitted_train_rejection"])
+    flagged = fit.get("nonlesion_tune_flag_rate_cross_fitted", fit["novelty_nonlesion_tune_flag_rate"])
     print(
-        f"quality gate stored in the model card: out-of-distribution threshold {section['ood']['threshold']:.3f}; "
-        f"training photos refused by it {fit['cross_fitted_train_rejection_by_ood']} (cross-fitted); non-lesion "
-        f"tuning pictures flagged by it {fit['nonlesion_tune_flag_rate_by_ood']:.1%}; chosen {fit['chosen']}"
+        f"quality gate stored in the model card ({fit['chosen']}): 'not a skin lesion' refuses {train} of the "
+        f"training photos (cross-fitted) and flags {flagged:.1%} of the non-lesion tuning pictures"
     )
 
 

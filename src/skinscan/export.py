@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import re
 import warnings
 from collections.abc import Sequence
 from datetime import date
@@ -258,6 +259,7 @@ def add_quality_gate(
         nonlesion_emb,
         train_sources=None if sources is None else [sources[i] for i in kept],
         train_groups=None if groups is None else [groups[i] for i in kept],
+        nonlesion_groups=[_picture(p) for p in nonlesion],
     )
     section["fit"]["nonlesion_dir"] = nonlesion_dir.as_posix()
     section["fit"]["unreadable_train_images"] = len(train_image_paths) - len(kept)
@@ -266,6 +268,11 @@ def add_quality_gate(
     del predictor  # release the file before rewriting it
     write_card(onnx_path, ModelCard(**card).model_dump())
     return section
+
+
+def _picture(path: Path) -> str:
+    """The source picture of a non-lesion image: benchmarks/make_nonlesion_set.py names crops NAME-cropN."""
+    return re.sub(r"-(full|crop\d+)$", "", path.stem)
 
 
 def _embed(

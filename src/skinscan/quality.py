@@ -107,8 +107,7 @@ class QualityReport:
     bright_clipped: float  # fraction of pixels with luma >= 250
     colour: float  # 99th percentile of max(R,G,B) - min(R,G,B) per pixel: ~0 for a black-and-white picture
     shorter_side: int | None  # px of the decoded photo; None if unknown
-    ood_score: float | None = None  # None: the model has no fitted out-of-distribution check
-    ood_threshold: float | None = None
+    ood_score: float | None = None  # > 1: not like the training photos; None: no fitted check in the card
 
     @property
     def ok(self) -> bool:
@@ -206,15 +205,55 @@ MODES = ("residual", "combined")
 
 
 @dataclass(frozen=True, eq=False)
-class OodDetector:
-    """How far a photo's embedding lies from the training photos' embeddings.
+class LinearProbe:
+    """A linear score on the transformed embedding that separates the training photos from the non-lesion
+    tuning pictures (L2-regularised logistic regression): catches pictures like those, where the novelty
+    score alone is unsure. Flags above `threshold` (cross-fitted, <= 1% of each training source)."""
 
-    The embedding is transformed (`TRANSFORMS`), then split along a PCA subspace fitted on the training
-    photos (each training source weighing the same): the residual outside the subspace (directions the
-    training photos never use: the main signal for pictures of other things) and, in mode "combined", the
-    Mahalanobis distance inside it too. Each part is divided by its 99th percentile on training photos the
-    subspace was not fitted on (cross-fitting; the largest over sources), and the score is the larger part:
-    1.0 means "as unusual as the most unusual 1% of a training source's photos".
+    weights: np.ndarray  # (D,)
+    bias: float
+    threshold: float
+    scale: float  # standard deviation of the cross-fitted training scores
+    transform: str = "sqrt"
+
+    def logits(self, embeddings: np.ndarray) -> np.ndarray:
+        u = TRANSFORMS[self.transform](embeddings)
+        return np.einsum("nd,d->n", u, self.weights).astype(np.float64) + self.bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "transform": self.transform,
+            "weights": _encode_array(self.weights),
+            "bias": float(self.bias),
+            "threshold": float(self.threshold),
+            "scale": float(self.scale),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LinearProbe:
+        transform = str(d.get("transform", "sqrt"))
+        if transform not in TRANSFORMS:
+            raise ValueError(f"unknown probe transform {transform!r}; upgrade skinscan")
+        return cls(
+            weights=_decode_array(d["weights"], "ood.probe.weights"),
+            bias=float(d["bias"]),
+            threshold=float(d["threshold"]),
+            scale=max(float(d["scale"]), 1e-6),
+            transform=transform,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class OodDetector:
+    """How unlike the training photos a photo's embedding is: `scores` > 1 means "not a skin-lesion photo".
+
+    Novelty: the embedding is transformed (`TRANSFORMS`), then split along a PCA subspace fitted on the
+    training photos (each training source weighing the same): the residual outside the subspace (directions
+    the training photos never use) and, in mode "combined", the Mahalanobis distance inside it too. Each part
+    is divided by its 99th percentile on training photos the subspace was not fitted on (cross-fitting; the
+    largest over sources); the larger part, divided by `threshold`, is the novelty score.
+    Probe (optional): a `LinearProbe`, in units of its threshold (1 + (logit - threshold) / scale).
+    The score is the larger of the two.
     """
 
     mean: np.ndarray  # (D,)
@@ -226,23 +265,33 @@ class OodDetector:
     transform: str = "sqrt"
     mode: str = "residual"
     output: str = "embedding"
+    probe: LinearProbe | None = None
 
     def parts(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Mahalanobis distance in the subspace, residual norm) per row, not yet divided by their refs."""
         return _parts(TRANSFORMS[self.transform](embeddings), self.mean, self.basis, self.scales)
 
+    def novelty(self, embeddings: np.ndarray) -> np.ndarray:
+        """The subspace score before the threshold (1.0 = a training source's 99th percentile)."""
+        distance, residual = self.parts(embeddings)
+        return _combine(distance, residual, self.distance_ref, self.residual_ref, self.mode)
+
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.mean.shape[0]:
             raise ValueError(f"embeddings of shape {embeddings.shape}; this gate expects (N, {self.mean.shape[0]})")
-        distance, residual = self.parts(embeddings)
-        return _combine(distance, residual, self.distance_ref, self.residual_ref, self.mode)
+        score = self.novelty(embeddings) / self.threshold
+        if self.probe is not None:
+            probe = 1.0 + (self.probe.logits(embeddings) - self.probe.threshold) / self.probe.scale
+            score = np.maximum(score, probe)
+        return score
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": f"{self.transform} embedding; PCA subspace of the training photos; score = "
+            "method": f"{self.transform} embedding; PCA subspace of the training photos; novelty = "
             + ("residual norm outside it" if self.mode == "residual" else "max(residual norm, Mahalanobis distance)")
-            + " / its 99th percentile on cross-fitted training photos",
+            + " / its 99th percentile on cross-fitted training photos"
+            + ("; or a linear probe against the non-lesion tuning pictures" if self.probe is not None else ""),
             "output": self.output,
             "transform": self.transform,
             "mode": self.mode,
@@ -254,6 +303,7 @@ class OodDetector:
             "distance_ref": float(self.distance_ref),
             "residual_ref": float(self.residual_ref),
             "threshold": float(self.threshold),
+            "probe": None if self.probe is None else self.probe.to_dict(),
         }
 
     @classmethod
@@ -266,6 +316,9 @@ class OodDetector:
         transform, mode = str(d.get("transform", "sqrt")), str(d.get("mode", "residual"))
         if transform not in TRANSFORMS or mode not in MODES:
             raise ValueError(f"unknown transform {transform!r} or mode {mode!r}; upgrade skinscan")
+        probe = LinearProbe.from_dict(d["probe"]) if d.get("probe") else None
+        if probe is not None and probe.weights.shape != mean.shape:
+            raise ValueError(f"ood.probe has {probe.weights.shape[0]} weights for {mean.shape[0]} features")
         return cls(
             mean=mean,
             basis=basis,
@@ -276,6 +329,7 @@ class OodDetector:
             transform=transform,
             mode=mode,
             output=str(d.get("output", "embedding")),
+            probe=probe,
         )
 
 
@@ -365,7 +419,7 @@ class QualityGate:
             problems.append(BLURRED)
         if m["colour"] < t.min_colour and TOO_DARK not in problems and OVEREXPOSED not in problems:
             problems.append(NO_COLOUR)
-        if ood_score is not None and self.ood is not None and ood_score > self.ood.threshold:
+        if ood_score is not None and ood_score > 1.0:
             problems.append(NOT_A_LESION)
         reasons = tuple(REASONS[p].format(side=side, min_side=t.min_side) for p in problems)
         return QualityReport(
@@ -374,7 +428,6 @@ class QualityGate:
             problems=tuple(problems),
             shorter_side=side,
             ood_score=ood_score,
-            ood_threshold=None if self.ood is None else self.ood.threshold,
             **m,
         )
 
@@ -396,14 +449,68 @@ def _rounded(*arrays: np.ndarray) -> list[np.ndarray]:
     return [_decode_array(_encode_array(a), "fit") for a in arrays]
 
 
+def _folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A fold per item, the same for every item of a group."""
+    unique = np.unique(groups)
+    fold_of = dict(zip(unique, np.random.default_rng(seed).permutation(len(unique)) % folds, strict=True))
+    return np.array([fold_of[g] for g in groups])
+
+
+def _fit_probe(
+    x: np.ndarray,
+    nl: np.ndarray,
+    sources: np.ndarray,
+    fold: np.ndarray,
+    nl_fold: np.ndarray,
+    transforms: Sequence[str],
+    max_train_rejection: float,
+    c: float,
+) -> tuple[LinearProbe, np.ndarray, np.ndarray]:
+    """The linear probe (transform chosen by its cross-fitted flag rate on the tuning pictures), and the
+    cross-fitted scores of the training photos and of the tuning pictures, in units of its threshold."""
+    from sklearn.linear_model import LogisticRegression
+
+    names = sorted(set(sources.tolist()))
+    # Each training source weighs the same, and the non-lesion pictures as much as all training photos.
+    w = np.concatenate(
+        [[0.5 / (len(names) * (sources == s).sum()) for s in sources.tolist()], np.full(len(nl), 0.5 / len(nl))]
+    )
+    w *= len(w)  # mean 1: keeps C's meaning
+    y = np.concatenate([np.zeros(len(x)), np.ones(len(nl))])
+    all_folds = np.concatenate([fold, nl_fold])
+    best: tuple | None = None
+    for transform in transforms:
+        u = np.concatenate([TRANSFORMS[transform](x), TRANSFORMS[transform](nl)]).astype(np.float64)
+        held_out = np.zeros(len(u))
+        for f in np.unique(all_folds):
+            inside = all_folds != f
+            model = LogisticRegression(C=c, max_iter=5000).fit(u[inside], y[inside], sample_weight=w[inside])
+            held_out[~inside] = model.decision_function(u[~inside])
+        train = held_out[: len(x)]
+        threshold = max(float(np.quantile(train[sources == s], 1 - max_train_rejection)) for s in names)
+        flagged = float((held_out[len(x) :] > threshold).mean())
+        if best is None or flagged > best[0]:
+            best = (flagged, transform, u, threshold, float(train.std()), held_out)
+    assert best is not None
+    _, transform, u, threshold, scale, held_out = best
+    model = LogisticRegression(C=c, max_iter=5000).fit(u, y, sample_weight=w)
+    (weights,) = _rounded(model.coef_[0])
+    probe = LinearProbe(weights, float(model.intercept_[0]), threshold, max(scale, 1e-6), transform)
+    units = 1.0 + (held_out - threshold) / probe.scale
+    return probe, units[: len(x)], units[len(x) :]
+
+
 def fit_quality_gate(
     train_embeddings: np.ndarray,
     nonlesion_embeddings: np.ndarray,
     *,
     train_sources: Sequence[str] | None = None,
     train_groups: Sequence[str] | None = None,
+    nonlesion_groups: Sequence[str] | None = None,
     components: Sequence[int] = (32, 64, 128),
     transforms: Sequence[str] = ("sqrt", "unit"),
+    probe: bool = True,
+    probe_c: float = 0.1,
     max_train_rejection: float = 0.01,
     target_flag_rate: float = 0.97,
     folds: int = 5,
@@ -413,14 +520,18 @@ def fit_quality_gate(
     """The model card's `quality_gate` section, fitted on the embeddings of the training photos and of the
     tuning half of the non-lesion set.
 
-    For each candidate (transform x number of components x mode) the training photos are scored by
-    subspaces fitted without them (`folds`-fold cross-fitting, folds grouped by `train_groups`, e.g. the
+    Novelty: for each candidate (transform x number of components x mode) the training photos are scored
+    by subspaces fitted without them (`folds`-fold cross-fitting, folds grouped by `train_groups`, e.g. the
     patient, so that near-copies do not make the scores optimistic), and the threshold is the largest
     per-source (1 - `max_train_rejection`) quantile of those scores: new photos like the training ones are
     refused at about that rate. The candidate that flags the most non-lesion tuning pictures wins (ties:
     fewer components). If the tuning pictures lie well beyond the threshold (`target_flag_rate` of them
     above it), the threshold moves halfway (geometric mean) towards them, sparing more real photos from
     sources not seen in training.
+    Probe (`probe=True`): a logistic regression (inverse regularisation `probe_c`) between the training
+    photos and the tuning pictures, its threshold the same per-source quantile of cross-fitted training
+    scores (`nonlesion_groups`, e.g. the source picture of each crop, keep a picture's crops in one fold).
+    Each check refuses up to `max_train_rejection` of a source's photos; together at most twice that.
     """
     x = np.asarray(train_embeddings, dtype=np.float32)
     nl = np.asarray(nonlesion_embeddings, dtype=np.float32)
@@ -428,15 +539,23 @@ def fit_quality_gate(
         raise ValueError(f"embeddings must be (N, D) with the same D: train {x.shape}, non-lesion {nl.shape}")
     if len(x) < 20 * folds:
         raise ValueError(f"{len(x)} training embeddings are too few to fit the gate (need at least {20 * folds})")
-    if not 0 < max_train_rejection < 0.5 or not 0 < target_flag_rate <= 1 or len(nl) == 0:
-        raise ValueError("max_train_rejection must be in (0, 0.5), target_flag_rate in (0, 1], and non-lesion given")
+    if not 0 < max_train_rejection < 0.5 or not 0 < target_flag_rate <= 1:
+        raise ValueError("max_train_rejection must be in (0, 0.5) and target_flag_rate in (0, 1]")
+    if len(nl) < 2 * folds:
+        raise ValueError(f"{len(nl)} non-lesion embeddings are too few (need at least {2 * folds})")
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown transform(s) {sorted(unknown)}; known: {sorted(TRANSFORMS)}")
     sources = np.asarray([str(s) for s in train_sources] if train_sources is not None else ["train"] * len(x))
     groups = np.asarray([str(g) for g in train_groups] if train_groups is not None else np.arange(len(x)).astype(str))
-    if len(sources) != len(x) or len(groups) != len(x):
-        raise ValueError(f"{len(x)} training embeddings but {len(sources)} sources and {len(groups)} groups")
+    nl_groups = np.asarray(
+        [str(g) for g in nonlesion_groups] if nonlesion_groups is not None else np.arange(len(nl)).astype(str)
+    )
+    if len(sources) != len(x) or len(groups) != len(x) or len(nl_groups) != len(nl):
+        raise ValueError(
+            f"{len(x)} training embeddings but {len(sources)} sources and {len(groups)} groups; "
+            f"{len(nl)} non-lesion embeddings but {len(nl_groups)} groups"
+        )
     # Small runs: at least 10 training photos per component, in every fold's fit.
     ks = sorted({max(1, min(k, int(len(x) * (folds - 1) / folds) // 10, x.shape[1] - 1)) for k in components})
 
@@ -444,11 +563,7 @@ def fit_quality_gate(
     # and the phone photos, a minority of the training set, score as unusual.
     names = sorted(set(sources.tolist()))
     weights = np.array([1.0 / (sources == s).sum() for s in sources.tolist()])
-    unique_groups = np.unique(groups)
-    fold_of_group = dict(
-        zip(unique_groups, np.random.default_rng(seed).permutation(len(unique_groups)) % folds, strict=True)
-    )
-    fold = np.array([fold_of_group[g] for g in groups])
+    fold = _folds(groups, folds, seed)
 
     def by_source(scores: np.ndarray, q: float) -> float:
         return max(float(np.quantile(scores[sources == s], q)) for s in names)
@@ -482,44 +597,54 @@ def fit_quality_gate(
                     train_scores = _combine(*held_out[i], distance_ref, residual_ref, mode)
                     floor = by_source(train_scores, 1 - max_train_rejection)
                     nl_scores = _combine(*nl_parts, distance_ref, residual_ref, mode)
-                    flagged = float((nl_scores > floor).mean())
-                    key = (flagged, -k, mode == "residual")
+                    key = (float((nl_scores > floor).mean()), -k, mode == "residual")
                     if best is None or key > best[0]:
-                        best = (
-                            key,
-                            transform,
-                            mode,
-                            mean,
-                            basis,
-                            scales,
-                            distance_ref,
-                            residual_ref,
-                            floor,
-                            train_scores,
-                            nl_scores,
-                        )
-    assert best is not None
-    _, transform, mode, mean, basis, scales, distance_ref, residual_ref, floor, train_scores, nl_scores = best
-    nonlesion_low = float(np.quantile(nl_scores, 1 - target_flag_rate))
-    threshold = float(np.sqrt(floor * nonlesion_low)) if nonlesion_low > floor else floor
-    detector = OodDetector(mean, basis, scales, distance_ref, residual_ref, threshold, transform, mode)
+                        best = (key, transform, mode, mean, basis, scales, distance_ref, residual_ref, floor)
+                        best_scores = (train_scores, nl_scores)
+        assert best is not None
+        _, transform, mode, mean, basis, scales, distance_ref, residual_ref, floor = best
+        train_scores, nl_scores = best_scores
+        nonlesion_low = float(np.quantile(nl_scores, 1 - target_flag_rate))
+        threshold = float(np.sqrt(floor * nonlesion_low)) if nonlesion_low > floor else floor
+        linear = None
+        if probe:
+            linear, train_probe, nl_probe = _fit_probe(
+                x, nl, sources, fold, _folds(nl_groups, folds, seed), transforms, max_train_rejection, probe_c
+            )
+    detector = OodDetector(mean, basis, scales, distance_ref, residual_ref, threshold, transform, mode, probe=linear)
+    novelty_flags = nl_scores > threshold
+    fit: dict[str, Any] = {
+        "train_images": {s: int((sources == s).sum()) for s in names},
+        "nonlesion_tune_images": len(nl),
+        "candidates": {"transforms": list(transforms), "components": ks, "modes": list(MODES)},
+        "chosen": {"transform": transform, "components": int(basis.shape[0]), "mode": mode},
+        "novelty_cross_fitted_train_rejection": {
+            s: round(float((train_scores[sources == s] > threshold).mean()), 4) for s in names
+        },
+        "novelty_nonlesion_tune_flag_rate": round(float(novelty_flags.mean()), 4),
+        "novelty_rule": (
+            f"threshold = the largest per-source {1 - max_train_rejection:.0%} quantile of the cross-fitted "
+            f"training scores ({floor:.3f}), moved halfway (geometric) towards the non-lesion tune half's "
+            f"{1 - target_flag_rate:.0%} quantile ({nonlesion_low:.3f}) when that lies above it"
+        ),
+    }
+    if linear is not None:
+        fit["probe"] = {
+            "transform": linear.transform,
+            "C": probe_c,
+            "rule": f"threshold = the largest per-source {1 - max_train_rejection:.0%} quantile of the "
+            "cross-fitted training logits",
+            "nonlesion_tune_flag_rate_cross_fitted": round(float((nl_probe > 1).mean()), 4),
+        }
+        fit["probe"]["cross_fitted_train_rejection"] = {
+            s: round(float((train_probe[sources == s] > 1).mean()), 4) for s in names
+        }
+        either = (train_scores > threshold) | (train_probe > 1)
+        fit["cross_fitted_train_rejection"] = {s: round(float(either[sources == s].mean()), 4) for s in names}
+        fit["nonlesion_tune_flag_rate_cross_fitted"] = round(float((novelty_flags | (nl_probe > 1)).mean()), 4)
     return {
         "format": GATE_FORMAT,
         "thresholds": (thresholds or GateThresholds(min_colour=FITTED_MIN_COLOUR)).to_dict(),
         "ood": detector.to_dict(),
-        "fit": {
-            "train_images": {s: int((sources == s).sum()) for s in names},
-            "candidates": {"transforms": list(transforms), "components": ks, "modes": list(MODES)},
-            "chosen": {"transform": transform, "components": int(basis.shape[0]), "mode": mode},
-            "cross_fitted_train_rejection_by_ood": {
-                s: round(float((train_scores[sources == s] > threshold).mean()), 4) for s in names
-            },
-            "nonlesion_tune_images": len(nl_scores),
-            "nonlesion_tune_flag_rate_by_ood": round(float((nl_scores > threshold).mean()), 4),
-            "rule": (
-                f"threshold = the largest per-source {1 - max_train_rejection:.0%} quantile of the cross-fitted "
-                f"training scores ({floor:.3f}), moved halfway (geometric) towards the non-lesion tune half's "
-                f"{1 - target_flag_rate:.0%} quantile ({nonlesion_low:.3f}) when that lies above it"
-            ),
-        },
+        "fit": fit,
     }
