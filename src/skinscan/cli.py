@@ -17,7 +17,7 @@ from .errors import SkinscanError
 
 if TYPE_CHECKING:
     from .answers import Answers
-    from .predict import Prediction
+    from .predict import Prediction, Predictor
 
 DATA_ROOT_ENV = "SKINSCAN_DATA"
 DEFAULT_DATA_ROOT = "../shared/datasets"
@@ -48,8 +48,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = collect_images(args.paths)
     if not paths:
         raise SkinscanError("no image files found in the given paths")
-    answers = _answers_for(args, paths)  # checked before the model loads: a typo fails fast
+    answers = _answers_for(args, paths, one_lesion=args.lesion)  # checked before the model loads: typos fail fast
     predictor = Predictor(args.model)
+    if args.lesion:
+        return _predict_lesion(args, predictor, paths, answers[0] if answers else None)
     with tqdm(
         total=len(paths), desc="skinscan", unit="img", file=sys.stderr, disable=len(paths) < 20 or args.quiet
     ) as bar:
@@ -105,8 +107,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed == len(results) else 0
 
 
-def _answers_for(args: argparse.Namespace, paths: list[Path]) -> list[Answers | None] | None:
-    """The answers per image, from --answers FILE.csv or from the answer flags (one image only)."""
+def _predict_lesion(args: argparse.Namespace, predictor: Predictor, paths: list[Path], answers: Answers | None) -> int:
+    """--lesion: every given photo shows the same lesion; print each photo and the combined estimate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .lesion import predict_lesion
+
+    result = predict_lesion(predictor, paths, force=args.force, answers=answers)
+    rows = [*(p.to_dict() for p in result.photos), {**result.to_dict()["combined"]}]
+    if args.output:
+        _write_rows(Path(args.output), rows)
+    if not args.quiet:
+        table = Table(title=f"one lesion, {len(paths)} photos - a screening aid, not a diagnosis")
+        for col in ("photo", "probability", "decision", "quality"):
+            table.add_column(col, overflow="fold")
+        for p in [*result.photos, result.combined]:
+            prob = "-" if p.probability is None else f"{p.probability:.3f}"
+            note = p.error or ("ok" if p.quality == "ok" else "; ".join(p.reasons) or "-")
+            table.add_row(p.path or "-", prob, p.decision or "-", note, style="bold" if p is result.combined else None)
+        Console().print(table)
+        c = result.combined
+        if c.probability is not None:
+            Console().print(
+                f"combined over {result.n_used} photo(s): {c.decision} at threshold {c.threshold:.3f}. {c.advice}"
+            )
+    return 0 if result.combined.probability is not None else 1
+
+
+def _answers_for(args: argparse.Namespace, paths: list[Path], one_lesion: bool = False) -> list[Answers | None] | None:
+    """The answers per image, from --answers FILE.csv or from the answer flags (one image, or one lesion)."""
     from .answers import ANSWER_FIELDS, Answers, match_answers, read_answers_csv
     from .errors import InvalidAnswers
 
@@ -117,7 +147,7 @@ def _answers_for(args: argparse.Namespace, paths: list[Path]) -> list[Answers | 
         return match_answers(read_answers_csv(args.answers), paths)
     if not flags:
         return None
-    if len(paths) != 1:
+    if len(paths) != 1 and not one_lesion:
         shown = " ".join(f"--{name.replace('_', '-')}" for name in flags)
         raise InvalidAnswers(
             f"the answer flags ({shown}) describe one photo, but {len(paths)} images were given: "
@@ -184,14 +214,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set or [])
     if args.data:
-        overrides["data"] = [str(_resolve(args, d)) for d in args.data]
+        overrides["data"] = args.data
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = load_config(args.config, overrides)
+    if cfg.data:  # dataset names (from flags or a config file) resolve against the data root
+        cfg = cfg.model_copy(update={"data": [str(_resolve(args, d)) for d in cfg.data]})
     from .train import train  # needs the train extra
 
     try:
-        result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+        result = train(cfg, args.out, resume=args.resume, progress=not args.quiet, calibrate_only=args.calibrate_only)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished epochs are saved in {args.out}; continue with "
@@ -238,8 +270,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export(run, args.out, name=args.name, version_tag=args.version, check_images=check)
     print(f"wrote {path} and {path.with_suffix('.card.json')}")
     if args.test:
-        record_test_metrics(path, _resolve(args, args.test), Path(args.out) / "test-report")
-        print(f"test metrics recorded in the model card; report in {Path(args.out) / 'test-report'}")
+        report_dir = Path("reports") / f"{args.name}-test"
+        record_test_metrics(path, _resolve(args, args.test), report_dir)
+        print(f"test metrics recorded in the model card; report in {report_dir}")
     if args.gate:  # after --test: the test metrics score every test image, as without a gate
         _add_gate(path, run, Path(args.gate))
     return 0
@@ -411,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
     p.add_argument("--force", action="store_true", help="predict photos the quality gate refuses, too")
     p.add_argument(
+        "--lesion", action="store_true", help="all given photos show ONE lesion: print each and their combined estimate"
+    )
+    p.add_argument(
         "--explain",
         metavar="DIR",
         help="also write heatmap overlays DIR/<name>.heatmap.png: where the photo pushed the risk up most",
@@ -468,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set lr=3e-4")
     p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="with --resume: stop training and calibrate the best epoch so far (then export)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

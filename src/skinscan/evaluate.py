@@ -47,12 +47,19 @@ def load_eval_records(data: str | Path, split: str | None = "auto") -> dict[str,
 
 
 def score(predictor: Predictor, records: Sequence[Record], progress: bool = True) -> tuple[np.ndarray, list]:
-    """Calibrated probabilities for `records` (NaN where an image failed) and the per-image Predictions."""
+    """Calibrated probabilities for `records` (NaN where an image failed) and the per-image Predictions.
+
+    Forced past the quality gate: every readable image is scored, and the gate's verdict is reported
+    beside the metrics (a model is measured on all images, not only on those its gate lets through)."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(records), desc="predict", unit="img", disable=not progress, leave=False) as bar:
         preds = predictor.predict(
-            [r.path for r in records], names=[r.key for r in records], batch_size=32, progress=bar.update
+            [r.path for r in records],
+            names=[r.key for r in records],
+            batch_size=32,
+            progress=bar.update,
+            force=True,
         )
     probs = np.array([p.probability if p.ok else np.nan for p in preds], dtype=float)
     return probs, preds
@@ -99,7 +106,13 @@ def evaluate(
             "threshold": predictor.threshold,
             "temperature": predictor.card.temperature,
         },
-        "data": {"dataset": str(data), "split": split, "n_images": len(records), "n_unreadable": n_errors},
+        "data": {
+            "dataset": str(data),
+            "split": split,
+            "n_images": len(records),
+            "n_unreadable": n_errors,
+            "n_quality_retake": sum(p.quality == "retake" for p in preds),
+        },
         "subsets": {k: v.to_dict() for k, v in results.items()},
         "reliability": {k: reliability_bins(*curves[k]) for k in curves},
     }
@@ -113,17 +126,10 @@ def evaluate(
 def _write_predictions(path: Path, records: Sequence[Record], preds: Sequence) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["key", "label", "probability", "decision", "error"])
+        w.writerow(["key", "label", "probability", "decision", "quality", "reasons", "error"])
         for r, p in zip(records, preds, strict=True):
-            w.writerow(
-                [
-                    r.key,
-                    r.label,
-                    "" if p.probability is None else f"{p.probability:.6f}",
-                    p.decision or "",
-                    p.error or "",
-                ]
-            )
+            prob = "" if p.probability is None else f"{p.probability:.6f}"
+            w.writerow([r.key, r.label, prob, p.decision or "", p.quality or "", " | ".join(p.reasons), p.error or ""])
 
 
 def _read_history(run: Path) -> list[dict] | None:
@@ -221,7 +227,8 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
         "",
         f"Model `{m['name']}` version {m['version']} (sha256 {m['sha256'][:12]}), "
         f"operating threshold {m['threshold']:.4f}, temperature {m['temperature']:.3f}.",
-        f"Images: {payload['data']['n_images']} ({payload['data']['n_unreadable']} unreadable).",
+        f"Images: {payload['data']['n_images']} ({payload['data']['n_unreadable']} unreadable; "
+        f"{payload['data']['n_quality_retake']} flagged for a retake by the quality gate, scored anyway).",
         "",
         "| subset | n (malignant) | ROC AUC [95% CI] | sensitivity | specificity | accuracy | ECE (15 bins) | Brier |",
         "|---|---|---|---|---|---|---|---|",

@@ -77,6 +77,8 @@ from . import __version__
 from .answers import ANSWER_FIELDS, Answers
 from .errors import InvalidAnswers, InvalidImage
 from .explain import DEFAULT_MAX_SIDE, explain, png_bytes
+from .lesion import MAX_PHOTOS as MAX_LESION_PHOTOS
+from .lesion import combine_photos
 from .predict import Prediction, Predictor
 from .preprocess import MAX_PIXELS, load_pixels
 
@@ -990,6 +992,39 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         timing = {"total": round((time.perf_counter() - started) * 1000, 3)}
         return JSONResponse(
             BatchResponse(model=predictor.info(), results=items, timing_ms=timing).model_dump(exclude_none=True)
+        )
+
+    @app.post(
+        "/v1/predict/lesion",
+        summary="Several photos of ONE lesion (as /v1/predict/batch): a combined estimate plus each photo's",
+        responses=_ERRORS,  # type: ignore[arg-type]
+        openapi_extra=_BATCH_BODY,
+        dependencies=protected,
+    )
+    async def predict_lesion(request: Request, force: bool = False) -> JSONResponse:
+        """The photos' logits are averaged over those the quality gate accepts (all, with `force`); answers
+        (the first item's) adjust the combined estimate once. Unreadable photos are set aside with a reason."""
+        started = time.perf_counter()
+        images, deadline, body_force, answers = await take_images(request, batch=True)
+        if len(images) > MAX_LESION_PHOTOS:
+            raise ApiError(400, "too_many_images", f"a lesion takes at most {MAX_LESION_PHOTOS} photos")
+        bad = next((a for a in answers if isinstance(a, ApiError)), None)
+        if bad is not None:
+            raise bad
+        results = await predict_all(images, deadline, force or body_force)
+        predictor, _ = service()
+        photos = [
+            Prediction(None, None, None, predictor.threshold, error=r.message) if isinstance(r, ApiError) else r
+            for r in results
+        ]
+        lesion_answers = next((a for a in answers if isinstance(a, Answers) and not a.empty), None)
+        body = combine_photos(predictor, photos, lesion_answers).to_dict()
+        return JSONResponse(
+            {
+                **body,
+                "model": predictor.info(),
+                "timing_ms": {"total": round((time.perf_counter() - started) * 1000, 3)},
+            }
         )
 
     @app.get("/v2/health/live", summary="KServe v2 liveness: the process answers")

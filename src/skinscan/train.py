@@ -181,7 +181,9 @@ def operating_point(logits: np.ndarray, y: np.ndarray, sources: list[str], group
     }
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> RunResult:
+def train(
+    cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True, calibrate_only: bool = False
+) -> RunResult:
     """Fine-tune the network on `cfg.data`; writes everything into `out` and returns a summary.
 
     With `cfg.folds = K`, trains K models on patient-grouped folds into `out/fold-k/` and writes the
@@ -190,6 +192,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     run = Path(out)
     if (run / "config.yaml").exists() and not resume:
         raise ConfigError(f"{run} already holds a training run: pass --resume to continue it, or choose another --out")
+    if calibrate_only and (not resume or cfg.folds):
+        raise ConfigError("--calibrate-only finishes an interrupted single-model run: use it with --resume")
     if resume and not (run / "config.yaml").exists():
         raise ConfigError(f"nothing to resume in {run}")
     run.mkdir(parents=True, exist_ok=True)
@@ -206,7 +210,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if not cfg.folds:
         train_recs, val_recs = grouped_split(records, cfg.val_fraction, cfg.seed)
         (run / "data.json").write_text(json.dumps({**data_info, **_split_info(train_recs, val_recs)}, indent=2))
-        return _fit(cfg, train_recs, val_recs, run, resume, progress)
+        return _fit(cfg, train_recs, val_recs, run, resume, progress, calibrate_only=calibrate_only)
 
     (run / "data.json").write_text(json.dumps(data_info, indent=2))
     rows, result = [], None
@@ -244,6 +248,7 @@ def _fit(
     resume: bool,
     progress: bool,
     skip_if_done: bool = False,
+    calibrate_only: bool = False,
 ) -> RunResult:
     """Train one model on `train_recs`, early-stopped and calibrated on `val_recs`, into `run`."""
     from tqdm.auto import tqdm
@@ -312,6 +317,9 @@ def _fit(
     t0 = time.perf_counter()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for epoch in range(start_epoch, cfg.epochs):
+        if calibrate_only:
+            log.info("stopping after epoch %d as asked; calibrating the best epoch (%d)", start_epoch, best_epoch)
+            break
         if stale >= cfg.patience:
             log.info("early stop: no better validation AUC for %d epochs", stale)
             break

@@ -1,0 +1,76 @@
+"""`skinscan` end to end through its console entry point."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def skinscan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "skinscan", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_help_explains_every_command():
+    out = skinscan("--help")
+    assert out.returncode == 0
+    for cmd in ("predict", "train", "evaluate", "export", "serve"):
+        assert cmd in out.stdout
+    sub = skinscan("predict", "--help")
+    assert "--output" in sub.stdout and "recursively" in sub.stdout
+
+
+def test_predict_folder_prints_table_and_writes_csv_and_json(tmp_path):
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "notes.jpg").write_text("this is not an image")
+    csv_out, json_out = tmp_path / "out.csv", tmp_path / "out.json"
+    out = skinscan("predict", str(EXAMPLES), str(tmp_path / "nested" / "notes.jpg"), "-o", str(csv_out))
+    assert out.returncode == 0, out.stderr
+    assert "refer" in out.stdout or "monitor" in out.stdout
+    assert "not a diagnosis" in " ".join(out.stdout.split())  # rich may wrap the title
+    assert "1 of 7 file(s) could not be read" in out.stderr
+    rows = list(csv.DictReader(csv_out.open()))
+    assert len(rows) == 7
+    assert {"path", "probability", "decision", "threshold"} <= set(rows[0])
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("notes.jpg") and bad[0]["probability"] == ""
+    good = [r for r in rows if not r["error"]]
+    assert all(r["decision"] in ("refer", "monitor") or r["quality"] == "retake" for r in good)
+    assert skinscan("predict", str(EXAMPLES), "-q", "-o", str(json_out)).returncode == 0
+    data = json.loads(json_out.read_text())
+    assert len(data) == 6 and all(0 <= d["probability"] <= 1 for d in data if d["probability"] is not None)
+
+
+def test_predict_reports_clear_errors():
+    missing = skinscan("predict", "no/such/file.jpg")
+    assert missing.returncode == 2 and "error: no/such/file.jpg: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_model = skinscan("predict", str(EXAMPLES), "--model", str(EXAMPLES / "SOURCES.md"))
+    assert bad_model.returncode == 2 and "error:" in bad_model.stderr and "Traceback" not in bad_model.stderr
+
+
+def test_train_rejects_unknown_settings_with_a_suggestion(tmp_path):
+    out = skinscan("train", "--data", str(EXAMPLES), "--out", str(tmp_path / "r"), "--set", "epoch=3")
+    assert out.returncode == 2
+    assert "did you mean 'epochs'" in out.stderr
+
+
+@pytest.mark.data
+def test_evaluate_writes_metrics_report_and_plots(tmp_path, isic_mvb):
+    out = skinscan("evaluate", "--data", str(isic_mvb), "--out", str(tmp_path / "rep"), "--bootstrap", "50", "-q")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert set(metrics["subsets"]) == {"all", "deleaked"}
+    assert metrics["subsets"]["all"]["n"] == 660 and metrics["subsets"]["deleaked"]["n"] == 646
+    for plot in ("roc.png", "pr.png", "confusion.png", "reliability.png"):
+        assert (tmp_path / "rep" / plot).stat().st_size > 1000
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "ROC AUC" in report and "![ROC](roc.png)" in report

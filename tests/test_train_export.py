@@ -1,0 +1,94 @@
+"""Training, resume and export end to end on a tiny real subset; ONNX agrees with torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the train extra")
+
+from skinscan import train as train_mod  # noqa: E402
+from skinscan.config import load_config  # noqa: E402
+from skinscan.export import export, load_run_model, parity_check, validation_image_paths  # noqa: E402
+from skinscan.predict import Predictor  # noqa: E402
+from skinscan.preprocess import load_pixels, normalise  # noqa: E402
+
+pytestmark = [pytest.mark.data, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, isic_mvb):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    cfg = load_config(overrides={"data": str(isic_mvb), "limit": 64, "epochs": 2, "batch_size": 16, "threads": 2})
+    result = train_mod.train(cfg, out, progress=False)
+    return cfg, out, result
+
+
+def test_training_writes_a_complete_run(tiny_run):
+    _, out, result = tiny_run
+    for name in ("best.pt", "last.pt", "config.yaml", "data.json", "history.csv", "calibration.json"):
+        assert (out / name).is_file(), name
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss,train_auc,val_loss,val_auc")
+    assert len(history) == 3  # header + 2 epochs
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["temperature"] > 0 and 0 < cal["threshold"] < 1
+    assert cal["validation"]["sensitivity"] >= cal["target_sensitivity"]
+    assert result.best_epoch in (1, 2)
+
+
+def test_existing_run_is_not_overwritten(tiny_run):
+    from skinscan.errors import ConfigError
+
+    cfg, out, _ = tiny_run
+    with pytest.raises(ConfigError, match="--resume"):
+        train_mod.train(cfg, out, progress=False)
+
+
+def test_interrupted_training_resumes_without_losing_epochs(tmp_path, isic_mvb, monkeypatch):
+    cfg = load_config(overrides={"data": str(isic_mvb), "limit": 48, "epochs": 2, "batch_size": 16, "threads": 2})
+    out = tmp_path / "run"
+    real = train_mod.predict_logits
+    calls = {"n": 0}
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "predict_logits", interrupt_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, out, progress=False)
+    first = (out / "history.csv").read_text().splitlines()
+    assert len(first) == 2  # epoch 1 was saved before the interruption
+    monkeypatch.setattr(train_mod, "predict_logits", real)
+    train_mod.train(cfg, out, resume=True, progress=False)
+    resumed = (out / "history.csv").read_text().splitlines()
+    assert len(resumed) == 3
+    assert resumed[1] == first[1]  # the finished epoch was kept, not redone
+
+
+def test_export_writes_onnx_with_card_and_matches_torch(tiny_run, tmp_path):
+    _, out, _ = tiny_run
+    images = validation_image_paths(out, limit=8)
+    assert images, "the run lists its validation images"
+    onnx_path = export(out, tmp_path, name="tiny", version_tag="test", check_images=images)
+    predictor = Predictor(onnx_path)
+    assert predictor.card.name == "tiny" and predictor.card.version == "test"
+    assert predictor.card.parity_max_abs_logit_diff <= 1e-4
+    assert (tmp_path / "tiny.card.json").is_file()
+    # ONNX Runtime vs torch on real images, through the one preprocessing function
+    net, _ = load_run_model(out)
+    batch = normalise(np.stack([load_pixels(p, predictor.spec) for p in images]), predictor.spec)
+    assert parity_check(onnx_path, net, batch) <= 1e-4
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(predictor.run(batch)["logit"], expected, atol=1e-4)
+    # calibrated probabilities follow the card's temperature
+    results = predictor.predict(images, force=True)
+    logits = np.array([r.logit for r in results])
+    probs = np.array([r.probability for r in results])
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits / predictor.card.temperature)), rtol=1e-6)
