@@ -74,7 +74,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     frames = []
     for r in lock:
-        px = np.asarray(Image.open(r.path).convert("RGB"))
+        img = Image.open(r.path).convert("RGB")
+        side = min(img.size)  # the ablation's frames hold the square crop; a few photos are a pixel off square
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        px = np.asarray(img.crop((left, top, left + side, top + side)))
         frames.append(Image.fromarray(full_frame(px, rng)))
     ink = np.array([ink_fraction(r.path) > 0.004 for r in lock])
 

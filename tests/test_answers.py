@@ -29,7 +29,7 @@ from skinscan.answers import (
     read_oof_logits,
     store_section,
 )
-from skinscan.card import default_model_path
+from skinscan.card import resolve_model
 from skinscan.cli import main
 from skinscan.data import load_dataset, read_patient_list
 from skinscan.errors import InvalidAnswers, ModelLoadError
@@ -66,9 +66,9 @@ def hand_section() -> dict:
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def plain_model() -> Path:
-    path = default_model_path()
-    if not path.is_file():
-        pytest.skip("no bundled model")
+    """A bundled model whose card has no answers section: the archive-only one."""
+    path = resolve_model("skinscan-lite0-isic")
+    assert "answers" not in Predictor(path).card.model_dump()
     return path
 
 

@@ -45,7 +45,6 @@ GOOD = EXAMPLES / "isic-benign-1.jpg"
 NONLESION = REPO / "tests" / "assets" / "nonlesion"
 LOCKBOX = REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"
 # Until the bundled model exists: stand-ins exported from the smoke run (`skinscan export /tmp/smoke ...`).
-STAND_INS = [Path("/tmp/gate-model/skinscan-lite0-isic.onnx"), Path("/tmp/m2/skinscan-lite0-isic.onnx")]
 SPEC = PreprocessSpec()
 FITTED = QualityGate(GateThresholds(min_colour=FITTED_MIN_COLOUR))  # the pixel checks of a fitted gate
 
@@ -83,10 +82,7 @@ def pixel_report(data: bytes, gate: QualityGate | None = None):
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    for path in (default_model_path(), *STAND_INS):
-        if path.is_file():
-            return path
-    pytest.skip("no model: neither the bundled model nor a stand-in exists")
+    return default_model_path()  # the bundled model ships inside the package
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from .preprocess import PreprocessSpec
 
 CARD_KEY = "skinscan.card"
 CARD_FORMAT = 1
-BUNDLED_MODEL = "skinscan-lite0-isic.onnx"
+BUNDLED_MODEL = "skinscan-lite0-phone.onnx"
 
 INTENDED_USE = (
     "skinscan is a screening aid that estimates how likely a photographed skin lesion is to be malignant, "
@@ -60,8 +60,23 @@ class ModelCard(BaseModel):
 
 
 def default_model_path() -> Path:
-    """The model bundled inside the package."""
+    """The default model bundled inside the package."""
     return Path(str(resources.files("skinscan").joinpath("models", BUNDLED_MODEL)))
+
+
+def bundled_models() -> list[str]:
+    """Names of the models inside the package (`Predictor("skinscan-lite0-isic")` loads one by name)."""
+    return sorted(p.name[: -len(".onnx")] for p in default_model_path().parent.glob("*.onnx"))
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A model path, or the name of a bundled model, or None for the default model."""
+    if model is None:
+        return default_model_path()
+    path = Path(model)
+    if not path.exists() and str(model) in bundled_models():
+        return default_model_path().parent / f"{model}.onnx"
+    return path
 
 
 def sha256_file(path: Path) -> str:

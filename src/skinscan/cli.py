@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the calibrated malignancy probability and referral decision per image.",
     )
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--model", help="ONNX model exported by `skinscan export` (default: the bundled model)")
+    p.add_argument("--model", help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)")
     p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
     p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics, plots and a report for a model",
         description="Score a labelled dataset: metrics.json, predictions.csv, plots and report.md.",
     )
-    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--model", help="ONNX model file or bundled model name (default: skinscan-lite0-phone)")
     p.add_argument("--data", required=True, help="dataset folder, labels CSV or name (e.g. isic-mvb)")
     p.add_argument("--split", default="auto", help="split folder to score (default: test if present)")
     p.add_argument("--out", required=True, help="report folder")
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
     p.add_argument("--workers", type=int, help="worker processes, each with its own model (default 1)")
-    p.add_argument("--model", help="ONNX model exported by `skinscan export` (default: the bundled model)")
+    p.add_argument("--model", help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body in bytes (default 32 MiB)")
     p.add_argument("--max-pixels", type=int, help="largest image, width x height (default 250,000,000)")

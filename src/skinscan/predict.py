@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .answers import Adjustment, Answers, apply_answers, section_from_card
-from .card import ADVICE, ModelCard, card_from_metadata, default_model_path, sha256_file
+from .card import ADVICE, ModelCard, card_from_metadata, resolve_model, sha256_file
 from .data import IMAGE_SUFFIXES
 from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
 from .metrics import sigmoid
@@ -95,7 +95,7 @@ class Predictor:
     def __init__(self, model: str | Path | None = None, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        self.model_path = Path(model) if model is not None else default_model_path()
+        self.model_path = resolve_model(model)  # a path, a bundled model's name, or None: the default
         if not self.model_path.is_file():
             raise ModelLoadError(f"model file {self.model_path} does not exist")
         options = ort.SessionOptions()
