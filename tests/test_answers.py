@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from serve_process import start_serve, stop_serve
 from skinscan.answers import (
     ANSWER_FIELDS,
     BODY_SITES,
@@ -555,36 +556,10 @@ def test_yes_no_answers_listed() -> None:
 @pytest.fixture(scope="module")
 def answers_server(answers_model: Path) -> Iterator[str]:
     """A real `skinscan serve` with the answers model on a free loopback port."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKINSCAN_")}
-    cmd = [sys.executable, "-m", "skinscan", "serve", "--model", str(answers_model), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"skinscan serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("skinscan serve did not become ready within 60 s")
+    proc, url = start_serve(answers_model)
     yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    stop_serve(proc)
 
 
 @pytest.fixture(scope="module")

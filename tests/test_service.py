@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from serve_process import start_serve
 from skinscan.card import default_model_path
 from skinscan.predict import Prediction, Predictor
 from skinscan.service import Batcher, Settings, _Metrics, create_app
@@ -559,31 +559,12 @@ def test_server_still_answers_after_fuzzing(client: TestClient, jpeg: bytes) -> 
 
 
 # ---------------------------------------------------------------- end to end: a real `skinscan serve`
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(model_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    port = _free_port()
     env = {**os.environ, "SKINSCAN_API_KEY": "e2e-key", "SKINSCAN_MAX_BATCH_SIZE": "8"}
-    cmd = [sys.executable, "-m", "skinscan", "serve", "--model", str(model_path), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"skinscan serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("skinscan serve did not become ready within 60 s")
+    proc, url = start_serve(model_path, env)
     yield proc, url
     if proc.poll() is None:
         proc.kill()

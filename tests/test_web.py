@@ -11,10 +11,6 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -25,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from serve_process import start_serve, stop_serve
 from skinscan.card import default_model_path
 from skinscan.explain import colorize
 from skinscan.predict import Prediction
@@ -66,39 +63,12 @@ def model_path() -> Path:
     return default_model_path()  # the bundled model ships inside the package
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_path: Path) -> Iterator[str]:
     """A real `skinscan serve` (no API key) on a free loopback port; yields its base URL."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKINSCAN_")}
-    cmd = [sys.executable, "-m", "skinscan", "serve", "--model", str(model_path), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"skinscan serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("skinscan serve did not become ready within 60 s")
+    proc, url = start_serve(model_path)
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_serve(proc)
 
 
 @pytest.fixture(scope="module")
