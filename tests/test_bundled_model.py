@@ -67,3 +67,14 @@ def test_foundation_model_auc_on_deleaked_archive_test(deleaked):
 def test_default_model_auc_on_deleaked_archive_test(deleaked):
     auc = _auc(Predictor(), deleaked)
     assert auc >= 0.95, f"default model AUC {auc:.4f} on the 646 de-leaked test images fell below its measured 0.954"
+
+
+def test_bundled_int8_model_agrees_with_fp32():
+    """The optional int8 model (faster serving) gives nearly the same probabilities as the default."""
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))
+    fp32, int8 = Predictor(), Predictor("skinscan-lite0-phone-int8")
+    a = np.array([r.probability for r in fp32.predict(examples, force=True)])
+    b = np.array([r.probability for r in int8.predict(examples, force=True)])
+    assert np.abs(a - b).mean() < 0.03 and np.abs(a - b).max() < 0.15

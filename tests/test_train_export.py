@@ -92,3 +92,19 @@ def test_export_writes_onnx_with_card_and_matches_torch(tiny_run, tmp_path):
     logits = np.array([r.logit for r in results])
     probs = np.array([r.probability for r in results])
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits / predictor.card.temperature)), rtol=1e-6)
+
+
+def test_int8_quantisation_keeps_the_card_and_stays_close(tiny_run, tmp_path):
+    from skinscan.export import quantize_int8
+
+    _, out, _ = tiny_run
+    images = validation_image_paths(out, limit=8)
+    fp32 = export(out, tmp_path, name="tiny", version_tag="test", check_images=images)
+    q = quantize_int8(fp32, images, tmp_path / "tiny-int8.onnx")
+    p32, p8 = Predictor(fp32), Predictor(q)
+    assert p8.card.name == "tiny-int8" and p8.card.threshold == p32.card.threshold
+    assert p8.card.quantization["calibration_images"] == len(images)
+    a = np.array([r.probability for r in p32.predict(images, force=True)])
+    b = np.array([r.probability for r in p8.predict(images, force=True)])
+    assert np.abs(a - b).max() <= p8.card.quantization["max_abs_probability_diff_on_calibration_images"] + 1e-6
+    assert np.abs(a - b).mean() < 0.1

@@ -275,6 +275,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"test metrics recorded in the model card; report in {report_dir}")
     if args.gate:  # after --test: the test metrics score every test image, as without a gate
         _add_gate(path, run, Path(args.gate))
+    if args.int8:  # last: the int8 model copies the finished card
+        from .export import quantize_int8
+
+        q = quantize_int8(path, validation_image_paths(run, limit=10_000), path.with_name(f"{path.stem}-int8.onnx"))
+        print(f"wrote {q} (static int8; evaluate it before use: skinscan evaluate --model {q} ...)")
     return 0
 
 
@@ -438,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the calibrated malignancy probability and referral decision per image.",
     )
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--model", help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)")
+    p.add_argument(
+        "--model",
+        help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)",
+    )
     p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
     p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
@@ -539,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", dest="version", help="model version (default: today's date)")
     p.add_argument("--test", help="also score this dataset's test split and record its metrics in the card")
     p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write <name>-int8.onnx, statically quantised on the run's validation images",
+    )
+    p.add_argument(
         "--gate",
         nargs="?",
         const=DEFAULT_NONLESION,
@@ -579,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
     p.add_argument("--workers", type=int, help="worker processes, each with its own model (default 1)")
-    p.add_argument("--model", help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)")
+    p.add_argument(
+        "--model",
+        help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)",
+    )
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body in bytes (default 32 MiB)")
     p.add_argument("--max-pixels", type=int, help="largest image, width x height (default 250,000,000)")
