@@ -57,12 +57,12 @@ def combine_photos(
 ) -> LesionPrediction:
     """Combine per-photo (image-only) predictions of one lesion; answers adjust the combined estimate."""
     photos = tuple(photos)
-    usable = [p for p in photos if p.probability is not None and p.logit is not None]
-    set_aside = [p for p in photos if p not in usable]
+    used = [i for i, p in enumerate(photos) if p.probability is not None and p.logit is not None]
+    usable = [photos[i] for i in used]
     reasons = tuple(
         f"photo {p.path or i + 1} was set aside: {p.error or '; '.join(p.reasons) or 'it could not be judged'}"
         for i, p in enumerate(photos)
-        if p in set_aside
+        if i not in used
     )
     name = f"lesion ({len(photos)} photos)"
     if not usable:
