@@ -492,3 +492,57 @@ def test_blurred_photo_asks_for_a_retake(desktop: Page, server: str, tmp_path: P
     desktop.page.wait_for_selector(".decision:not([hidden])")
     assert desktop.page.locator(".forced-note").is_visible()
     desktop.check_clean()
+
+
+def test_several_photos_of_one_spot_are_combined(desktop: Page, server: str) -> None:
+    first, second = EXAMPLES["phone-malignant-bcc"], EXAMPLES["phone-benign-nevus"]
+    files = [("file", (path.name, path.read_bytes(), "image/jpeg")) for path in (first, second)]
+    r = httpx.post(f"{server}/v1/predict/lesion", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    expected = r.json()
+    p = desktop
+    page = p.page
+    p.upload(first)
+    page.wait_for_selector(".decision:not([hidden])")
+    assert page.locator("#thumbs").is_hidden()  # one photo: no thumbnails, no combined note
+    assert page.locator(".combined-note").is_hidden()
+    assert p.text("#lesion-count") == "1 of up to 4 photos of this spot."
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Add another photo of the same spot").click()
+    chooser.value.set_files(str(second))
+    page.wait_for_selector(".combined-note:not([hidden])")
+    assert "2 photos" in p.text(".combined-note")
+    combined = expected["combined"]
+    assert combined["n_photos"] == 2
+    value = float(page.locator(".gauge-track").get_attribute("aria-valuenow"))
+    if combined["probability"] is None:
+        assert page.locator(".retake").is_visible()
+    else:
+        assert value == pytest.approx(combined["probability"] * 100, abs=0.05)
+        assert page.locator(".decision").get_attribute("data-decision") == combined["decision"]
+        assert "not a diagnosis" in p.text(".decision-advice")
+    # a thumbnail per photo with its own result; the new photo is selected and shows its heatmap
+    thumbs = page.locator("#thumbs .thumb")
+    assert thumbs.count() == 2
+    for i, photo in enumerate(expected["photos"]):
+        text = thumbs.nth(i).inner_text()
+        assert f"Photo {i + 1}" in text
+        if photo["probability"] is not None:
+            assert re.search(r"\d% alone", text), text
+        else:
+            assert "Set aside" in text
+    assert thumbs.nth(1).get_attribute("aria-pressed") == "true"
+    _assert_heatmap_shown(p, Image.open(second).size)
+    thumbs.nth(0).click()
+    assert thumbs.nth(0).get_attribute("aria-pressed") == "true"
+    page.locator("#heatmap-img").wait_for(state="visible")
+    page.get_by_label("Strength").fill("80")
+    assert p.text("#lesion-count") == "2 of up to 4 photos of this spot."
+    p.screenshot("desktop-1280x800-lesion")
+    p.check_clean()
+    # start again: no photos, no result, the add control gone
+    page.get_by_role("button", name="Start again").click()
+    assert page.locator("#viewer-panel").is_hidden() and page.locator("#lesion-controls").is_hidden()
+    assert page.locator(".outcome").count() == 0
+    assert page.evaluate("document.activeElement.id") == "choose-button"
+    assert not p.errors

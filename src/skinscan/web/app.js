@@ -2,14 +2,16 @@
 // POST /v1/predict?explain=true on this server, and show the estimate, the advice and the heatmap.
 // No build step and nothing from other servers: this file, index.html and style.css are all there is.
 //
-// The code keeps a list of photos of one spot (`lesion.photos`) although the page takes one photo for
-// now (MAX_PHOTOS): combining several photos of the same spot is a later step.
+// The page keeps a list of photos of one spot (`lesion.photos`, up to MAX_PHOTOS). The first photo goes to
+// /v1/predict?explain=true; "Add another photo of the same spot" adds more, and with two or more the photos
+// go together to /v1/predict/lesion, which combines them into one estimate. Each photo's own result shows
+// under its thumbnail; the heatmap is that of the selected photo (fetched when it is first shown).
 //
 // Optional questions about the spot (age, where it is, has it grown, does it bleed...) are shown when the
 // server's model can use them; the answers given travel as form fields beside the photo, and the result
 // lists how each one moved the estimate ("bleeding: odds x3.1").
 
-const MAX_PHOTOS = 1;
+const MAX_PHOTOS = 4;
 const MAX_SIDE = 1280; // longer side sent to the server: the model looks at 224 px, the quality checks at more
 const MAX_UNSHRUNK_BYTES = 4 * 1024 * 1024; // a small photo is sent as it is, unless its file is this big
 const JPEG_QUALITY = 0.92;
@@ -21,25 +23,51 @@ const NUMBER_HINTS = {
 };
 
 const $ = (id) => document.getElementById(id);
-const lesion = { photos: [] };
+const lesion = { photos: [], selected: null, forced: false, answered: false };
 let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
 let inFlight = null; // AbortController of the request whose answer the page is waiting for
+let heatFlight = null; // AbortController of the heatmap request of the selected photo
 
 // ------------------------------------------------------------------ adding photos
-async function addFiles(files) {
+// `add`: another photo of the same spot (the "Add another photo" control); otherwise a new spot.
+async function addFiles(files, { add = false } = {}) {
   const file = Array.from(files || []).find((f) => f instanceof File);
   if (!file) return;
-  if (lesion.photos.length >= MAX_PHOTOS) clearPhotos();
+  if (!add || lesion.photos.length === 0) clearPhotos();
+  else if (lesion.photos.length >= MAX_PHOTOS) return;
   $("tips").open = false; // the tips stay one tap away
   const photo = await preparePhoto(file);
   lesion.photos.push(photo);
-  showPhoto(photo);
-  await check(photo);
+  selectPhoto(photo);
+  if (lesion.photos.length === 1) await check(photo);
+  else await checkLesion();
 }
 
 function clearPhotos() {
+  if (inFlight) inFlight.abort();
+  if (heatFlight) heatFlight.abort();
   for (const photo of lesion.photos) if (photo.url) URL.revokeObjectURL(photo.url);
   lesion.photos = [];
+  lesion.selected = null;
+  lesion.forced = false;
+  lesion.answered = false;
+  renderThumbs();
+  updateLesionControls();
+}
+
+// "Start again": forget the photos of this spot (the answers to the questions stay).
+function startAgain() {
+  clearPhotos();
+  hideHeatmap();
+  $("viewer-panel").hidden = true;
+  $("photo-img").removeAttribute("src");
+  const empty = document.createElement("p");
+  empty.id = "result-empty";
+  empty.className = "muted";
+  empty.textContent = "Add a photo to see the estimate here.";
+  setResult(empty);
+  $("questions-apply").hidden = true;
+  $("choose-button").focus();
 }
 
 // Decode the photo in the browser; shrink it (canvas, JPEG) when it is large. A file the browser cannot
@@ -77,15 +105,47 @@ function authHeaders() {
   return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
 }
 
-async function check(photo, { force = false } = {}) {
+const INVALID_ANSWERS = "An answer to the questions is not valid: correct it, or leave it empty, and check again.";
+
+// POST `form` to `url` for the result area: the JSON answer of a 2xx, or null when the page has shown
+// why not (error, access key form) or a newer request replaced this one. `retry` runs it again (new key).
+async function post(url, form, retry, photo = null) {
   if (inFlight) inFlight.abort();
-  const answers = collectAnswers();
-  if (!answers) {
-    showError("An answer to the questions is not valid: correct it, or leave it empty, and check again.", "invalid_answers", photo);
-    return;
-  }
   const controller = new AbortController();
   inFlight = controller;
+  let response;
+  let body = null;
+  try {
+    response = await fetch(url, { method: "POST", body: form, headers: authHeaders(), signal: controller.signal });
+    body = await response.json().catch(() => null);
+  } catch (err) {
+    if (err.name === "AbortError") return null; // a newer photo replaced this one
+    if (controller === inFlight) showError("Could not reach the skinscan server. Check the connection and try again.");
+    return null;
+  } finally {
+    if (controller === inFlight) inFlight = null;
+  }
+  if (controller.signal.aborted) return null;
+  if (response.status === 401) {
+    showKeyForm(retry);
+    return null;
+  }
+  if (!response.ok || !body) {
+    const message = body && body.error ? body.error.message : `The server answered with status ${response.status}.`;
+    const code = body && body.error ? body.error.code : "";
+    if (code === "invalid_answers") showAnswerError(message);
+    showError(message, code, photo);
+    return null;
+  }
+  return body;
+}
+
+async function check(photo, { force = false } = {}) {
+  const answers = collectAnswers();
+  if (!answers) {
+    showError(INVALID_ANSWERS, "invalid_answers", photo);
+    return;
+  }
   photo.forced = force;
   $("questions-apply").hidden = true;
   showBusy();
@@ -94,39 +154,73 @@ async function check(photo, { force = false } = {}) {
   for (const [name, value] of Object.entries(answers)) form.append(name, value);
   const params = new URLSearchParams({ explain: "true" });
   if (force) params.set("force", "true");
-  let response;
-  let body = null;
+  const body = await post(`/v1/predict?${params}`, form, () => check(photo, { force }), photo);
+  if (!body) return;
+  photo.result = body;
+  photo.heatmap = body.heatmap_png || null;
+  lesion.answered = true;
+  showResult(body, { retry: () => check(photo, { force: true }) });
+  if (lesion.selected === photo) showHeatmap(photo);
+  showModel(body.model);
+  updateLesionControls();
+}
+
+// Two or more photos of the spot: one combined estimate from /v1/predict/lesion. The answers go once, with
+// the first photo (the server adjusts the combined estimate with them).
+async function checkLesion({ force = lesion.forced } = {}) {
+  const answers = collectAnswers();
+  if (!answers) {
+    showError(INVALID_ANSWERS, "invalid_answers");
+    return;
+  }
+  lesion.forced = force;
+  $("questions-apply").hidden = true;
+  const photos = lesion.photos.slice();
+  for (const photo of photos) photo.lesionResult = undefined;
+  renderThumbs();
+  showBusy(`Checking the ${photos.length} photos…`);
+  const form = new FormData();
+  const withAnswers = Object.keys(answers).length > 0;
+  photos.forEach((photo, i) => {
+    form.append("file", photo.upload, photo.name);
+    if (withAnswers) form.append("answers", i === 0 ? JSON.stringify(answers) : "");
+  });
+  const params = new URLSearchParams();
+  if (force) params.set("force", "true");
+  const query = force ? `?${params}` : "";
+  const body = await post(`/v1/predict/lesion${query}`, form, () => checkLesion({ force }));
+  if (!body || photos.length !== lesion.photos.length) return; // Start again while it was on its way
+  photos.forEach((photo, i) => (photo.lesionResult = (body.photos || [])[i] || null));
+  lesion.answered = true;
+  showResult(body.combined || {}, { combined: true, retry: () => checkLesion({ force: true }) });
+  renderThumbs();
+  showModel(body.model);
+  updateLesionControls();
+  if (lesion.selected) showHeatmap(lesion.selected);
+}
+
+// The heatmap of a photo that was not the first one: asked for when the photo is shown.
+async function fetchHeatmap(photo) {
+  if (heatFlight) heatFlight.abort();
+  const controller = new AbortController();
+  heatFlight = controller;
+  const form = new FormData();
+  form.append("file", photo.upload, photo.name);
   try {
-    response = await fetch(`/v1/predict?${params}`, {
+    const response = await fetch("/v1/predict?explain=true&force=true", {
       method: "POST",
       body: form,
       headers: authHeaders(),
       signal: controller.signal,
     });
-    body = await response.json().catch(() => null);
-  } catch (err) {
-    if (err.name === "AbortError") return; // a newer photo replaced this one
-    if (controller === inFlight) showError("Could not reach the skinscan server. Check the connection and try again.");
-    return;
+    const body = response.ok ? await response.json() : null;
+    photo.heatmap = (body && body.heatmap_png) || null;
+  } catch {
+    return; // no heatmap for this photo: the photo shows alone
   } finally {
-    if (controller === inFlight) inFlight = null;
+    if (controller === heatFlight) heatFlight = null;
   }
-  if (controller.signal.aborted) return;
-  if (response.status === 401) {
-    showKeyForm(photo);
-    return;
-  }
-  if (!response.ok || !body) {
-    const message = body && body.error ? body.error.message : `The server answered with status ${response.status}.`;
-    const code = body && body.error ? body.error.code : "";
-    if (code === "invalid_answers") showAnswerError(message);
-    showError(message, code, photo);
-    return;
-  }
-  photo.result = body;
-  showResult(photo, body);
-  showHeatmap(photo, body);
-  showModel(body.model);
+  if (photo.heatmap && lesion.selected === photo) showHeatmap(photo);
 }
 
 async function loadModelInfo() {
@@ -153,8 +247,10 @@ function setResult(node) {
   result.setAttribute("aria-busy", "false");
 }
 
-function showBusy() {
-  setResult(fromTemplate("tpl-busy"));
+function showBusy(text = null) {
+  const node = fromTemplate("tpl-busy");
+  if (text) node.querySelector(".busy-text").textContent = text;
+  setResult(node);
   $("result").setAttribute("aria-busy", "true");
 }
 
@@ -172,6 +268,7 @@ function showError(message, code = "", photo = null) {
   setResult(node);
   hideHeatmap();
   if (photo && !photo.url) $("viewer-panel").hidden = true; // nothing to show: the file was not a picture
+  updateLesionControls();
 }
 
 function sentence(text) {
@@ -179,22 +276,36 @@ function sentence(text) {
   return t.charAt(0).toUpperCase() + t.slice(1) + (/[.!?]$/.test(t) ? "" : ".");
 }
 
-function showKeyForm(photo) {
+function showKeyForm(retry) {
   const form = fromTemplate("tpl-apikey");
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     apiKey = form.querySelector("input").value.trim();
     sessionStorage.setItem(KEY_STORAGE, apiKey);
-    check(photo);
+    retry();
     loadModelInfo();
   });
   setResult(form);
   form.querySelector("input").focus();
 }
 
+function selectPhoto(photo) {
+  lesion.selected = photo;
+  showPhoto(photo);
+  renderThumbs();
+  if (photo.heatmap) showHeatmap(photo);
+  else if (lesion.photos.length > 1 && photo.url && lesion.answered && !(photo.lesionResult && photo.lesionResult.error)) {
+    fetchHeatmap(photo);
+  }
+}
+
 function showPhoto(photo) {
   $("viewer-panel").hidden = false;
   const caption = $("viewer-caption");
+  const n = lesion.photos.length;
+  const index = lesion.photos.indexOf(photo) + 1;
+  $("viewer-title").textContent = n > 1 ? `Your photos (${n})` : "Your photo";
+  $("photo-img").alt = n > 1 ? `Photo ${index} of ${n} you added` : "The photo you added";
   hideHeatmap();
   if (photo.url) {
     $("photo-img").src = photo.url;
@@ -214,9 +325,9 @@ function hideHeatmap() {
   $("heatmap-controls").hidden = true;
 }
 
-function showHeatmap(photo, body) {
-  if (!body.heatmap_png) return;
-  const src = `data:image/png;base64,${body.heatmap_png}`;
+function showHeatmap(photo) {
+  if (!photo.heatmap) return;
+  const src = `data:image/png;base64,${photo.heatmap}`;
   if (!photo.url) {
     // the browser could not show the photo (e.g. HEIC): the server's overlay is the only picture of it
     $("photo-img").src = src;
@@ -256,7 +367,8 @@ function percents(p, threshold) {
   return [fmt(p, digits), fmt(threshold, digits)];
 }
 
-function showResult(photo, body) {
+// `combined`: the combined estimate of several photos; `retry`: check again with force (poor quality).
+function showResult(body, { combined = false, retry = null } = {}) {
   const node = fromTemplate("tpl-result");
   const show = (selector) => {
     const el = node.querySelector(selector);
@@ -266,6 +378,20 @@ function showResult(photo, body) {
   const hasProbability = typeof body.probability === "number";
   const quality = qualityOf(body);
   const retake = quality.verdict === "retake";
+
+  if (combined) {
+    const used = typeof body.n_used === "number" ? body.n_used : body.n_photos;
+    const aside = body.n_photos - used;
+    show(".combined-note").textContent =
+      aside > 0
+        ? `Combined estimate from ${used} of ${body.n_photos} photos of this spot: ${aside} set aside (see the photos).`
+        : `Combined estimate from ${body.n_photos} photos of this spot.`;
+    node.querySelector(".retake-title").textContent = "Please retake the photos";
+    node.querySelector(".retake-lead").textContent = "None of these photos is good enough for a reliable estimate:";
+    node.querySelector(".check-anyway").textContent = "Check these photos anyway";
+    node.querySelector(".forced-note").textContent =
+      "These photos\u2019 quality was poor, so this estimate is less reliable. Sharper photos give a better one.";
+  }
 
   if (retake) {
     const box = show(".retake");
@@ -278,7 +404,7 @@ function showResult(photo, body) {
     if (!list.children.length) list.hidden = true;
     if (!hasProbability) {
       const again = show(".check-anyway");
-      again.addEventListener("click", () => check(photo, { force: true }));
+      if (retry) again.addEventListener("click", retry);
     } else {
       show(".forced-note");
     }
@@ -293,7 +419,7 @@ function showResult(photo, body) {
     box.querySelector(".adjustments-lead").textContent =
       alone === null
         ? "Your answers changed the estimate:"
-        : `From the photo alone: ${percents(alone, body.threshold)[0]}. Your answers changed it:`;
+        : `From the photo${combined ? "s" : ""} alone: ${percents(alone, body.threshold)[0]}. Your answers changed it:`;
     const list = box.querySelector(".adjustments-list");
     for (const adjustment of adjustments) {
       const li = document.createElement("li");
@@ -335,6 +461,68 @@ function qualityOf(body) {
   const q = body.quality;
   if (q && typeof q === "object") return { verdict: q.verdict, reasons: q.reasons || body.reasons || [] };
   return { verdict: q, reasons: body.reasons || [] };
+}
+
+// ------------------------------------------------------------------ several photos of the spot
+// One button per photo (shown with two or more): its picture and its own result; it selects the photo shown
+// above with its heatmap.
+function renderThumbs() {
+  const list = $("thumbs");
+  const n = lesion.photos.length;
+  list.hidden = n < 2;
+  list.replaceChildren();
+  if (n < 2) return;
+  lesion.photos.forEach((photo, i) => {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "thumb";
+    button.setAttribute("aria-pressed", String(lesion.selected === photo));
+    if (photo.url) {
+      const img = document.createElement("img");
+      img.src = photo.url;
+      img.alt = "";
+      button.append(img);
+    } else {
+      const none = document.createElement("span");
+      none.className = "thumb-none";
+      none.textContent = "No preview";
+      button.append(none);
+    }
+    const label = document.createElement("span");
+    label.className = "thumb-label";
+    label.textContent = `Photo ${i + 1}`;
+    const result = document.createElement("span");
+    result.className = "thumb-result";
+    const [text, aside] = photoSummary(photo.lesionResult);
+    result.textContent = text;
+    if (aside) result.classList.add("aside");
+    button.append(label, result);
+    button.addEventListener("click", () => selectPhoto(photo));
+    li.append(button);
+    list.append(li);
+  });
+}
+
+// [text, set aside?] for one photo's own result in a combined check (undefined: not back yet).
+function photoSummary(r) {
+  if (r === undefined) return ["Checking\u2026", false];
+  if (!r) return ["No result", true];
+  if (r.error) return [`Set aside: ${sentence(r.error)}`, true];
+  if (typeof r.probability !== "number") {
+    const reasons = (r.reasons || []).map((x) => (typeof x === "string" ? x : x.message || "")).filter(Boolean);
+    return [`Set aside: ${sentence(reasons.join("; ") || "poor quality")}`, true];
+  }
+  const text = `${percents(r.probability, r.threshold)[0]} alone`;
+  return [r.quality === "retake" ? `${text} (poor quality)` : text, false];
+}
+
+function updateLesionControls() {
+  const n = lesion.photos.length;
+  $("lesion-controls").hidden = n === 0;
+  $("add-button").hidden = !lesion.answered || n >= MAX_PHOTOS;
+  $("lesion-count").textContent =
+    n === 0 ? "" : n >= MAX_PHOTOS ? `${n} photos of this spot (the most it takes).` : `${n} of up to ${MAX_PHOTOS} photos of this spot.`;
 }
 
 // ------------------------------------------------------------------ questions about the spot
@@ -428,9 +616,16 @@ function init() {
   $("questions-form").addEventListener("submit", (event) => event.preventDefault());
   $("questions-apply").addEventListener("click", () => {
     const photo = lesion.photos[0];
-    // the result is above the questions: bring the new estimate into view
-    if (photo) check(photo, { force: Boolean(photo.forced) }).then(() => $("result-title").scrollIntoView());
+    if (!photo) return;
+    const done = lesion.photos.length > 1 ? checkLesion() : check(photo, { force: Boolean(photo.forced) });
+    done.then(() => $("result-title").scrollIntoView()); // the result is above the questions: bring it into view
   });
+  $("add-button").addEventListener("click", () => $("add-input").click());
+  $("add-input").addEventListener("change", (event) => {
+    addFiles(event.target.files, { add: true });
+    event.target.value = "";
+  });
+  $("restart-button").addEventListener("click", startAgain);
   $("heatmap-toggle").addEventListener("change", applyHeatmapControls);
   $("heatmap-opacity").addEventListener("input", applyHeatmapControls);
   loadModelInfo();
