@@ -39,6 +39,22 @@ def find_data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The default model, bundled inside the package."""
+    from skinscan.card import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def predictor(model_path: Path):
+    """One Predictor of the default model for the tests that only read from it (monkeypatch to alter it)."""
+    from skinscan.predict import Predictor
+
+    return Predictor(model_path)
+
+
+@pytest.fixture(scope="session")
 def data_root() -> Path:
     return find_data_root()
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from skinscan.card import default_model_path
 from skinscan.cli import main
 from skinscan.explain import colorize, explain, influence, model_box, overlay, upsample
 from skinscan.predict import Predictor
@@ -23,16 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 # Until the bundled model is trained, a barely trained stand-in with the same outputs (see the report):
 # `skinscan export /tmp/smoke --out /tmp/web-model`.
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return default_model_path()  # the bundled model ships inside the package
-
-
-@pytest.fixture(scope="module")
-def predictor(model_path: Path) -> Predictor:
-    return Predictor(model_path)
 
 
 def skin_with_lesion(
@@ -204,15 +193,7 @@ def _peak_rates(predictor: Predictor, images: list) -> tuple[float, float, int]:
     return on_lesion / len(mapped), on_border / len(mapped), len(mapped)
 
 
-def _require_bundled(model_path: Path) -> None:
-    if model_path != default_model_path():
-        pytest.skip(
-            f"the lesion-peak rate is a property of a trained model; {model_path} is the barely trained stand-in"
-        )
-
-
-def test_map_peaks_on_synthetic_dark_lesions_more_than_on_the_border(predictor: Predictor, model_path: Path) -> None:
-    _require_bundled(model_path)
+def test_map_peaks_on_synthetic_dark_lesions_more_than_on_the_border(predictor: Predictor) -> None:
     rng = np.random.default_rng(7)
     images = []
     for k in range(40):
@@ -232,10 +213,7 @@ def test_map_peaks_on_synthetic_dark_lesions_more_than_on_the_border(predictor: 
 
 
 @pytest.mark.data
-def test_map_peaks_on_real_lesions_more_than_on_the_border(
-    predictor: Predictor, model_path: Path, data_root: Path
-) -> None:
-    _require_bundled(model_path)
+def test_map_peaks_on_real_lesions_more_than_on_the_border(predictor: Predictor, data_root: Path) -> None:
     folder = data_root / "isic-mvb" / "test"
     if not folder.is_dir():
         pytest.skip(f"{folder}: isic-mvb test split not found")

@@ -13,16 +13,10 @@ from fastapi.testclient import TestClient
 
 from skinscan.errors import SkinscanError
 from skinscan.lesion import MAX_PHOTOS, predict_lesion
-from skinscan.predict import Predictor
 from skinscan.service import Settings, create_app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PHOTOS = [EXAMPLES / "phone-malignant-bcc.jpg", EXAMPLES / "phone-benign-nevus.jpg", EXAMPLES / "isic-benign-1.jpg"]
-
-
-@pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor()
 
 
 def test_combined_estimate_is_the_mean_calibrated_logit(predictor):

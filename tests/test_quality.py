@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from skinscan.card import ModelCard, default_model_path
+from skinscan.card import ModelCard
 from skinscan.data import load_dataset, read_patient_list
 from skinscan.errors import ModelLoadError
 from skinscan.predict import Predictor
@@ -78,16 +78,6 @@ def pixel_report(data: bytes, gate: QualityGate | None = None):
     from skinscan.preprocess import resize_for_model
 
     return (gate or QualityGate()).check(resize_for_model(img, SPEC)[None], [min(img.size)])[0]
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return default_model_path()  # the bundled model ships inside the package
-
-
-@pytest.fixture(scope="module")
-def predictor(model_path: Path) -> Predictor:
-    return Predictor(model_path)
 
 
 def _phone_records(pad_ufes: Path, *, lockbox: bool) -> list:

@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from serve_process import start_serve
-from skinscan.card import default_model_path
 from skinscan.predict import Prediction, Predictor
 from skinscan.service import Batcher, Settings, _Metrics, create_app
 
@@ -35,16 +34,6 @@ EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="session")
-def model_path() -> Path:
-    return default_model_path()  # the bundled model ships inside the package
-
-
-@pytest.fixture(scope="session")
-def predictor(model_path: Path) -> Predictor:
-    return Predictor(model_path)
-
-
 def make_client(predictor: Predictor, **overrides) -> TestClient:
     return TestClient(create_app(Settings(model=predictor.model_path, **overrides), predictor=predictor))
 

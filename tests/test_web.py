@@ -22,7 +22,6 @@ import pytest
 from PIL import Image, ImageFilter
 
 from serve_process import start_serve, stop_serve
-from skinscan.card import default_model_path
 from skinscan.explain import colorize
 from skinscan.predict import Prediction
 
@@ -58,11 +57,6 @@ def _missing(message: str) -> None:
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return default_model_path()  # the bundled model ships inside the package
-
-
 @pytest.fixture(scope="module")
 def server(model_path: Path) -> Iterator[str]:
     """A real `skinscan serve` (no API key) on a free loopback port; yields its base URL."""
