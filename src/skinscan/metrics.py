@@ -21,15 +21,9 @@ def roc_auc(y: Sequence[int], p: Sequence[float]) -> float:
 
 
 def expected_calibration_error(y: Sequence[int], p: Sequence[float], bins: int = 15) -> float:
-    """ECE with `bins` equal-width probability bins, weighted by bin size."""
-    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(y[m].mean() - p[m].mean())
-    return float(ece)
+    """ECE with `bins` equal-width probability bins (those of `reliability_bins`), weighted by bin size."""
+    n = len(np.asarray(p))
+    return float(sum(b["count"] / n * abs(b["frac_pos"] - b["mean_p"]) for b in reliability_bins(y, p, bins)))
 
 
 def reliability_bins(y: Sequence[int], p: Sequence[float], bins: int = 15) -> list[dict]:
