@@ -363,6 +363,34 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- batch (Ray Data)
+def cmd_batch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .ray_batch import run_batch
+
+    summary = run_batch(
+        args.input,
+        args.output,
+        model=args.model,
+        address=args.address,
+        force=args.force,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        threads_per_actor=args.threads_per_actor,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        s = summary
+        Console(stderr=True).print(
+            f"{s.scored} image(s) scored into {s.output} in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s): "
+            f"{s.refer} refer, {s.retakes} to retake, {s.errors} unreadable"
+            + (f"; {s.skipped} already there, skipped" if s.skipped else "")
+            + ". Read it with pandas.read_parquet(folder)."
+        )
+    return 0
+
+
 # ---------------------------------------------------------------- serve
 _SERVE_FLAGS = (
     "host",
@@ -415,6 +443,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_config": _serve_log_config(args.verbose),
         "timeout_graceful_shutdown": int(settings.request_timeout_s) + 1,
     }
+    if args.replicas is not None or args.max_replicas is not None:
+        from .ray_serve import serve_replicas  # Ray is imported here only
+
+        serve_replicas(settings, args.replicas or 1, max_replicas=args.max_replicas, address=args.address)
+        return 0
+    if args.address:
+        raise ConfigError("--address is for --replicas (a Ray cluster to run the replicas on)")
     if settings.workers == 1:
         predictor = Predictor(settings.model, threads=settings.threads)  # fail here, with a clear message
         uvicorn.run(create_app(settings, predictor=predictor), **common)
@@ -584,6 +619,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit_answers)
 
     p = sub.add_parser(
+        "batch",
+        help="score many images on Ray: a folder, glob, table or object store, into Parquet",
+        description="Score every image of INPUT with the same model, preprocessing and quality gate as "
+        "`predict`, on Ray Data (in-process on this machine's cores, or on a cluster with --address / "
+        "RAY_ADDRESS). Writes one row per image (path, probability, decision, threshold, quality, reasons, "
+        "error, answers' adjustments, model) into a folder of Parquet parts; an unreadable image gives a row "
+        "with its error. Rerun with the same --output to finish an interrupted run: paths already there are "
+        "skipped. Needs the scale extra: pip install 'skinscan[scale]'.",
+    )
+    p.add_argument(
+        "input",
+        help="a folder (recursive), a quoted glob ('photos/**/*.jpg'), a .csv/.parquet table with a 'path' "
+        "column (relative to the table; answer columns such as age, bleed are used), or a URI (s3://, gs://...)",
+    )
+    p.add_argument("--output", "-o", required=True, help="output folder, e.g. scores.parquet")
+    p.add_argument(
+        "--model",
+        help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic",
+    )
+    p.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS, else local)")
+    p.add_argument("--force", action="store_true", help="predict photos the quality gate refuses, too")
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default 32)")
+    p.add_argument("--actors", type=int, help="model replicas (default: one per CPU of the cluster)")
+    p.add_argument(
+        "--threads-per-actor", type=int, default=1, help="CPUs (ONNX Runtime threads) per replica (default 1)"
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser(
         "serve",
         help="run the HTTP prediction service",
         description="Serve predictions over HTTP (docs at /docs). Every flag can also be set as an environment "
@@ -607,6 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allow a CORS origin (repeat)"
     )
     p.add_argument("--request-timeout-s", type=float, help="limit for one request in seconds (default 30)")
+    g = p.add_argument_group(
+        "scaling out on Ray Serve (needs pip install 'skinscan[scale]')",
+        "The same app as N Ray Serve replicas behind Ray's HTTP proxy; each replica reserves --threads CPUs "
+        "(default: the cores shared among the replicas).",
+    )
+    g.add_argument("--replicas", type=int, help="run N replicas on Ray Serve instead of one uvicorn process")
+    g.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many on load")
+    g.add_argument("--address", help="Ray cluster for the replicas (default: RAY_ADDRESS, else Ray on this machine)")
     p.set_defaults(func=cmd_serve)
     return parser
 

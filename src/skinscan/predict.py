@@ -143,7 +143,9 @@ class Predictor:
         their sum), decision at the same threshold. No known answer (or no probability): unchanged."""
         if answers is None or answers.empty or prediction.probability is None or prediction.logit is None:
             return prediction
-        logit, adjustments = apply_answers(prediction.logit / self.card.temperature, answers, self._section())
+        logit, adjustments = apply_answers(
+            prediction.logit / self.card.temperature, answers, self.answers_adjustments()
+        )
         p = float(sigmoid(logit))
         return dataclasses.replace(
             prediction,
@@ -153,8 +155,9 @@ class Predictor:
             image_probability=prediction.probability,
         )
 
-    def _section(self) -> dict:
-        """The card's answers section; a model without one refuses answers (never ignores them silently)."""
+    def answers_adjustments(self) -> dict:
+        """The card's answers section; a model without one raises InvalidAnswers (answers are never ignored
+        silently)."""
         if self.answers_section is None:
             raise InvalidAnswers(
                 f"the model {self.card.name} {self.card.version} has no adjustments for answers in its card: "
@@ -184,7 +187,7 @@ class Predictor:
             if len(answers) != len(sources):
                 raise InvalidAnswers(f"{len(answers)} sets of answers for {len(sources)} images: give one per image")
             if any(a is not None and not a.empty for a in answers):
-                self._section()  # before any inference: a model without adjustments refuses answers
+                self.answers_adjustments()  # before any inference: a model without adjustments refuses answers
         results: list[Prediction] = []
         for start in range(0, len(sources), batch_size):
             chunk = list(zip(sources[start : start + batch_size], names[start : start + batch_size], strict=True))
