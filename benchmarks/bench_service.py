@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,12 +129,15 @@ def _start(system: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str
         cmd += ["--model", str(args.model)] if args.model else []
         if system == "torch":
             env.update(MALLOC_ENV)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server logs a line per request: a file, not a pipe, which would fill up and stall the server.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (it lives as long as the server)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{system} server exited with {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+            log.seek(0)
+            raise SystemExit(f"{system} server exited with {proc.returncode}:\n{log.read()[-3000:]}")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 return proc, url
@@ -164,34 +168,77 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 # ---------------------------------------------------------------- load generator
+class _Connection:
+    """One keep-alive HTTP/1.1 connection sending pre-encoded requests. The generator shares the 2 cores
+    with the server, so it must cost little per request: a raw socket reading the status line and
+    Content-Length costs ~10x less CPU than an httpx client, and it is the same for every system."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self.reader.readexactly(length)
+        if b"connection: close" in head.lower():
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+def _request(host: str, port: int, body: bytes) -> bytes:
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 async def _load(url: str, bodies: list[bytes], concurrency: int, n: int, time_limit: float) -> dict:
-    """`n` requests from `concurrency` workers, or fewer if `time_limit` seconds pass first."""
+    """`n` requests from `concurrency` workers (one connection each), or fewer if `time_limit` passes first."""
     latencies: list[float] = []
     errors = 0
     first_error: str | None = None
     sent = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        for body in bodies[: max(1, min(len(bodies), concurrency))]:  # warm the connections
-            await client.post("/v1/predict", content=body, headers={"content-type": "image/jpeg"})
-        started = time.perf_counter()
-        stop_at = started + time_limit
+    host, port = url.removeprefix("http://").split(":")
+    requests = [_request(host, int(port), b) for b in bodies]
+    connections = [_Connection(host, int(port)) for _ in range(concurrency)]
+    for i, conn in enumerate(connections):  # open and warm every connection
+        await conn.post(requests[i % len(requests)])
+    started = time.perf_counter()
+    stop_at = started + time_limit
 
-        async def worker() -> None:
-            nonlocal sent, errors, first_error
-            while sent < n and time.perf_counter() < stop_at:
-                body = bodies[sent % len(bodies)]
-                sent += 1
-                t = time.perf_counter()
-                r = await client.post("/v1/predict", content=body, headers={"content-type": "image/jpeg"})
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t)
-                else:
-                    errors += 1
-                    first_error = first_error or f"{r.status_code} {r.text[:200]}"
+    async def worker(conn: _Connection) -> None:
+        nonlocal sent, errors, first_error
+        while sent < n and time.perf_counter() < stop_at:
+            request = requests[sent % len(requests)]
+            sent += 1
+            t = time.perf_counter()
+            status, body = await conn.post(request)
+            if status == 200:
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors += 1
+                first_error = first_error or f"{status} {body[:200]!r}"
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
+    await asyncio.gather(*(worker(c) for c in connections))
+    seconds = time.perf_counter() - started
+    for conn in connections:
+        await conn.close()
     latencies.sort()
 
     def pct(q: float) -> float | None:
@@ -257,10 +304,44 @@ def _markdown(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _summary(results: list[dict], args: argparse.Namespace) -> str:
+    """Medians over the repeats, and serve's throughput over each baseline's, paired run by run."""
+    lines = [
+        "| system | concurrency | median throughput (req/s) | median p99 (ms) | runs |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    by: dict[tuple[str, int], list[dict]] = {}
+    for res in results:
+        for lv in res["levels"]:
+            by.setdefault((res["system"], lv["concurrency"]), []).append({**lv, "repeat": res["repeat"]})
+    for (system, c), levels in by.items():
+        tput = statistics.median(lv["throughput_rps"] for lv in levels)
+        p99 = statistics.median(lv["p99_ms"] for lv in levels)
+        lines.append(f"| {system} | {c} | {tput:.1f} | {p99:.1f} | {len(levels)} |")
+    for base in ("torch", "reload"):
+        for c in args.concurrency:
+            pairs = [
+                (a["throughput_rps"], b["throughput_rps"])
+                for a in by.get(("serve", c), [])
+                for b in by.get((base, c), [])
+                if a["repeat"] == b["repeat"]
+            ]
+            if pairs:
+                ratios = [a / b for a, b in pairs]
+                shown = ", ".join(f"{x:.2f}" for x in ratios)
+                lines.append(f"\nserve / {base} at c={c}: median {statistics.median(ratios):.2f}x (runs: {shown})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="ONNX model (default: the bundled model)")
-    p.add_argument("--run", type=Path, default=Path("runs/isic-lite0"), help="training run for the torch baseline")
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=Path("runs/skinscan-phone"),
+        help="training run of the served model, for the torch baseline (default runs/skinscan-phone: the default model)",
+    )
     p.add_argument("--systems", nargs="+", default=["serve", "torch", "reload"], choices=["serve", "torch", "reload"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=400, help="requests per level (default 400)")
@@ -268,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most (default 60)")
     p.add_argument("--phone-requests", type=int, default=20, help="12 MP requests at concurrency 1 (default 20)")
     p.add_argument("--phone-systems", nargs="*", default=["serve", "torch"], help="systems timed on the 12 MP photo")
+    p.add_argument("--repeat", type=int, default=1, help="run every system this many times, interleaved (medians)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--serve-baseline", choices=["torch", "reload"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -280,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--run {args.run}: no best.pt there; train first or pass --run, or leave out --systems torch")
     small = [f.read_bytes() for f in SMALL_IMAGES]
     phone = _phone_photo()
-    results = [_bench_system(s, args, small, phone) for s in args.systems]
-    table = _markdown(results)
+    results = []
+    for r in range(args.repeat):  # systems interleaved, so that a slow spell of the machine hits them all
+        for system in args.systems:
+            results.append({**_bench_system(system, args, small, phone), "repeat": r})
+    table = _markdown(results) + "\n\n" + _summary(results, args)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

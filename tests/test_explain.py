@@ -266,8 +266,8 @@ def test_service_explain_without_a_cam_output_says_so(model_path: Path, monkeypa
     from skinscan.service import Settings, create_app
 
     predictor = Predictor(model_path)  # as if its model had no `cam` output
-    predict = predictor.predict
-    monkeypatch.setattr(predictor, "predict", lambda *a, **k: [replace(p, cam=None) for p in predict(*a, **k)])
+    predict = predictor.predict_decoded
+    monkeypatch.setattr(predictor, "predict_decoded", lambda *a, **k: [replace(p, cam=None) for p in predict(*a, **k)])
     jpeg = EXAMPLES[0].read_bytes()
     with TestClient(create_app(Settings(model=model_path), predictor=predictor)) as client:
         assert client.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200

@@ -359,7 +359,7 @@ def test_batcher_drains_on_close(predictor: Predictor, jpeg: bytes) -> None:
     async def scenario() -> list[Prediction]:
         batcher = Batcher(predictor, max_batch_size=2, window_s=0.0, metrics=_Metrics())
         batcher.start()
-        pending = [asyncio.ensure_future(batcher.submit(jpeg)) for _ in range(5)]
+        pending = [asyncio.ensure_future(batcher.submit(predictor.decode(jpeg))) for _ in range(5)]
         await asyncio.sleep(0)  # let the submissions queue up
         await batcher.close()
         return [p.result() for p in pending]
@@ -370,11 +370,11 @@ def test_batcher_drains_on_close(predictor: Predictor, jpeg: bytes) -> None:
 
 def test_request_timeout(predictor: Predictor, jpeg: bytes, monkeypatch) -> None:
     slow = Predictor(predictor.model_path)
-    real = slow.predict
+    real = slow.predict_decoded
     with make_client(slow, request_timeout_s=0.3) as c:
-        monkeypatch.setattr(slow, "predict", lambda *a, **k: (time.sleep(0.6), real(*a, **k))[1])
+        monkeypatch.setattr(slow, "predict_decoded", lambda *a, **k: (time.sleep(0.6), real(*a, **k))[1])
         assert_error(c.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}), 503, "timeout")
-        monkeypatch.setattr(slow, "predict", real)
+        monkeypatch.setattr(slow, "predict_decoded", real)
         time.sleep(0.4)  # the abandoned slow batch finishes; the server answers again
         assert c.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
 
@@ -419,7 +419,6 @@ def test_images_stay_in_memory_and_out_of_logs(client: TestClient, jpeg: bytes, 
 def test_decoder_crash_is_a_422_and_spares_the_batch(client: TestClient, jpeg: bytes, monkeypatch) -> None:
     """Pillow plugins can raise other errors than InvalidImage (a damaged HEIC raised EOFError)."""
     import skinscan.predict
-    import skinscan.service
 
     real = skinscan.predict.load_pixels
 
@@ -429,7 +428,6 @@ def test_decoder_crash_is_a_422_and_spares_the_batch(client: TestClient, jpeg: b
         return real(source, spec)
 
     monkeypatch.setattr(skinscan.predict, "load_pixels", flaky)
-    monkeypatch.setattr(skinscan.service, "load_pixels", flaky)
     r = client.post("/v1/predict/batch", json={"images": [b64(jpeg), b64(b"BOOM image"), b64(jpeg)]})
     results = r.json()["results"]
     assert r.status_code == 200 and "probability" in results[0] and "probability" in results[2]

@@ -157,28 +157,56 @@ def shades_of_gray(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
 
     Estimates the illuminant per image as the Minkowski p-norm mean of each channel and rescales the
     channels so that the illuminant becomes neutral grey: a phone's white balance stops mattering.
+    Returns float32 pixels in [0, 255].
     """
     x = pixels.astype(np.float32)
-    axes = (-3, -2)
-    illuminant = np.power(np.mean(np.power(x, power), axis=axes, keepdims=True), 1.0 / power)
-    illuminant = np.maximum(illuminant, 1e-3)
-    gain = illuminant.mean(axis=-1, keepdims=True) / illuminant
-    return np.clip(x * gain, 0.0, 255.0)
+    return np.clip(x * _sog_gains(pixels, power)[..., None, None, :], 0.0, 255.0)
+
+
+def _sog_gains(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray's per-channel gains, (..., 3) float32 for (..., H, W, 3) pixels. For uint8 pixels the
+    p-norm mean comes from each channel's histogram (exact sums in float64; no (N, H, W, 3) power array)."""
+    if pixels.dtype == np.uint8:
+        lead = pixels.shape[:-3]
+        flat = pixels.reshape(-1, pixels.shape[-3] * pixels.shape[-2], 3)
+        levels = np.arange(256, dtype=np.float64) ** power
+        sums = np.array([[levels @ np.bincount(img[:, c], minlength=256) for c in range(3)] for img in flat])
+        mean_power = (sums / flat.shape[1]).reshape(*lead, 3)
+    else:
+        mean_power = np.mean(np.power(pixels.astype(np.float64), power), axis=(-3, -2))
+    illuminant = np.maximum(mean_power ** (1.0 / power), 1e-3).astype(np.float32)
+    return illuminant.mean(axis=-1, keepdims=True) / illuminant
 
 
 def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW): colour constancy if the spec asks, then scaling.
 
     Training calls this after augmentation, prediction right after `load_pixels`: the same code path.
+    Per image and channel the result depends only on the pixel's 8-bit value, so it is computed once per
+    value (256 per channel: gain, clip to [0, 255], minus mean, over std) and looked up for every pixel.
     """
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"normalise takes uint8 pixels, not {pixels.dtype}")
+    single = pixels.ndim == 3
+    batch = pixels[None] if single else pixels
+    n = batch.shape[0]
     if spec.color_constancy == "shades-of-gray":
-        pixels = shades_of_gray(pixels)
-    elif spec.color_constancy != "none":
+        gains = _sog_gains(batch)  # (N, 3)
+    elif spec.color_constancy == "none":
+        gains = None
+    else:
         raise ValueError(f"unknown colour constancy {spec.color_constancy!r}")
     mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
     std = np.asarray(spec.std, dtype=np.float32) * 255.0
-    out = (pixels.astype(np.float32) - mean) / std
-    return np.ascontiguousarray(np.moveaxis(out, -1, -3))
+    values = np.arange(256, dtype=np.float32)
+    scaled = values[None, None, :] if gains is None else np.clip(values[None, None, :] * gains[:, :, None], 0.0, 255.0)
+    tables = (np.broadcast_to(scaled, (n, 3, 256)) - mean[None, :, None]) / std[None, :, None]  # (N, 3, 256)
+    out = np.empty((n, 3, *batch.shape[1:3]), dtype=np.float32)
+    for i in range(n):
+        for c in range(3):
+            np.take(tables[i, c], batch[i, :, :, c], out=out[i, c])
+    return out[0] if single else out
 
 
 def load_pixels(source: ImageSource, spec: PreprocessSpec) -> np.ndarray:

@@ -384,9 +384,11 @@ class QualityGate:
         pixels: np.ndarray,
         shorter_sides: Sequence[int | None] | None = None,
         embeddings: np.ndarray | None = None,
+        measures: Sequence[Mapping[str, float] | None] | None = None,
     ) -> list[QualityReport]:
         """Reports for a batch: uint8 (N, S, S, 3) model pixels, the decoded photos' shorter sides, and the
-        model's embeddings (N, D) (needed when the gate has an out-of-distribution check)."""
+        model's embeddings (N, D) (needed when the gate has an out-of-distribution check). `measures`: the
+        photos' `pixel_measures` if already taken (a server takes them while decoding)."""
         pixels = np.asarray(pixels)
         if pixels.ndim == 3:
             pixels = pixels[None]
@@ -399,13 +401,18 @@ class QualityGate:
             if embeddings is None:
                 raise ValueError(f"this gate needs the model's {self.ood.output!r} output")
             ood_scores = self.ood.scores(embeddings)
+        taken = list(measures) if measures is not None else [None] * n
         return [
-            self._report(pixels[i], sides[i], None if ood_scores is None else float(ood_scores[i])) for i in range(n)
+            self._report(
+                dict(taken[i]) if taken[i] is not None else pixel_measures(pixels[i]),
+                sides[i],
+                None if ood_scores is None else float(ood_scores[i]),
+            )
+            for i in range(n)
         ]
 
-    def _report(self, pixels: np.ndarray, side: int | None, ood_score: float | None) -> QualityReport:
+    def _report(self, m: dict[str, float], side: int | None, ood_score: float | None) -> QualityReport:
         t = self.thresholds
-        m = pixel_measures(pixels)
         problems = []
         if side is not None and side < t.min_side:
             problems.append(TOO_SMALL)

@@ -79,8 +79,8 @@ from .errors import InvalidAnswers, InvalidImage
 from .explain import DEFAULT_MAX_SIDE, explain, png_bytes
 from .lesion import MAX_PHOTOS as MAX_LESION_PHOTOS
 from .lesion import combine_photos
-from .predict import Prediction, Predictor
-from .preprocess import MAX_PIXELS, load_pixels
+from .predict import Decoded, Prediction, Predictor
+from .preprocess import MAX_PIXELS
 
 log = logging.getLogger("skinscan.service")
 
@@ -275,7 +275,7 @@ class _Metrics:
 # ---------------------------------------------------------------- dynamic batching
 @dataclass
 class _Item:
-    data: bytes
+    photo: Decoded
     future: asyncio.Future[Prediction]
     force: bool = False  # keep the probability of a photo the quality gate refuses
     queued: float = field(default_factory=time.perf_counter)
@@ -311,10 +311,13 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, data: bytes, force: bool = False) -> Prediction:
+    async def submit(self, photo: Decoded, force: bool = False) -> Prediction:
+        """The prediction for a photo decoded by `Predictor.decode` (in the parse pool, in parallel)."""
+        if photo.error is not None:  # nothing to infer: the error result at once
+            return self.predictor.predict_decoded([photo])[0]
         if self._closing:
             raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
-        item = _Item(data, asyncio.get_running_loop().create_future(), force)
+        item = _Item(photo, asyncio.get_running_loop().create_future(), force)
         self._queue.put_nowait(item)
         return await item.future
 
@@ -348,7 +351,9 @@ class Batcher:
     async def _infer(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            preds = await loop.run_in_executor(self._executor, self._predict, [it.data for it in items])
+            preds = await loop.run_in_executor(
+                self._executor, lambda: self.predictor.predict_decoded([it.photo for it in items], force=True)
+            )  # unforced per item below
         except Exception as exc:
             for it in items:
                 if not it.future.done():
@@ -359,32 +364,6 @@ class Batcher:
         for it, pred in zip(items, preds, strict=True):
             if not it.future.done():
                 it.future.set_result(pred if it.force else pred.unforced())
-
-    def _predict(self, datas: list[bytes]) -> list[Prediction]:
-        try:
-            return self.predictor.predict(datas, batch_size=len(datas), force=True)  # unforced per item later
-        except Exception as exc:
-            # Decoding is expected to raise only InvalidImage; if a malformed file trips something else,
-            # find the culprit so that one bad image cannot fail its neighbours.
-            log.warning("batch of %d failed (%s); predicting its images one by one", len(datas), type(exc).__name__)
-        return [self._predict_one(d) for d in datas]
-
-    def _predict_one(self, data: bytes) -> Prediction:
-        try:
-            return self.predictor.predict([data], force=True)[0]
-        except Exception as exc:
-            try:  # decode only: if this fails too, the image is at fault, not the server
-                load_pixels(data, self.predictor.spec)
-            except Exception as decode_exc:
-                log.warning("undecodable image raised %s (not InvalidImage)", type(decode_exc).__name__)
-                return Prediction(
-                    None,
-                    None,
-                    None,
-                    self.predictor.threshold,
-                    error=f"cannot read the image ({type(decode_exc).__name__}); send a JPEG, PNG, WebP or HEIC photo",
-                )
-            raise exc from None
 
 
 # ---------------------------------------------------------------- decode: request -> image bytes
@@ -875,9 +854,9 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
 
     async def take_images(
         request: Request, *, batch: bool
-    ) -> tuple[list[bytes | ApiError], float, bool, list[Answers | ApiError | None]]:
-        """Read (with the size limit) and decode the body in the parse pool; returns images, the deadline,
-        the JSON body's `force` flag and the answers per image."""
+    ) -> tuple[list[bytes | ApiError], list[Decoded | ApiError], float, bool, list[Answers | ApiError | None]]:
+        """Read (with the size limit) and parse the body, and decode its photos, in the parse pool; returns
+        the image bytes, the decoded photos, the deadline, the JSON body's `force` flag and the answers."""
         started = time.perf_counter()
         deadline = started + settings.request_timeout_s
         _, batcher = service()
@@ -892,15 +871,18 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         options: dict[str, Any] = {}
         try:
             loop = asyncio.get_running_loop()
-            images = await loop.run_in_executor(
-                state.pool,
-                lambda: [
+            predictor = state.predictor
+
+            def parse() -> tuple[list[bytes | ApiError], list[Decoded | ApiError]]:
+                images = [
                     _catch(_checked, im, settings.max_pixels) if isinstance(im, bytes) else im
                     for im in _images_from_body(
                         body, content_type, batch=batch, max_items=settings.max_batch_items, options=options
                     )
-                ],
-            )
+                ]
+                return images, [predictor.decode(im) if isinstance(im, bytes) else im for im in images]
+
+            images, photos = await loop.run_in_executor(state.pool, parse)
         finally:
             batcher.parsing -= 1
         answers = options.get("answers") or [None] * len(images)
@@ -911,20 +893,20 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
                 "answers_unavailable",
                 "this server's model has no adjustments for answers: send the photo without answers",
             )
-        return images, deadline, options.get("force", False), answers
+        return images, photos, deadline, options.get("force", False), answers
 
     async def predict_all(
-        images: list[bytes | ApiError], deadline: float, force: bool = False
+        photos: list[Decoded | ApiError], deadline: float, force: bool = False
     ) -> list[Prediction | ApiError]:
         _, batcher = service()
         timeout = ApiError(
             503, "timeout", f"no answer within {settings.request_timeout_s:g} s: the server is busy, retry later"
         )
 
-        async def one(im: bytes | ApiError) -> Prediction | ApiError:
-            return im if isinstance(im, ApiError) else await batcher.submit(im, force)
+        async def one(photo: Decoded | ApiError) -> Prediction | ApiError:
+            return photo if isinstance(photo, ApiError) else await batcher.submit(photo, force)
 
-        return await _within(asyncio.gather(*(one(im) for im in images)), deadline - time.perf_counter(), timeout)
+        return await _within(asyncio.gather(*(one(p) for p in photos)), deadline - time.perf_counter(), timeout)
 
     protected = [Depends(require_key)]
 
@@ -941,8 +923,8 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         A photo the quality gate refuses is a 200 answer with `quality: "retake"`, its `reasons` and no
         probability; `?force=true` (or `"force": true` in a JSON body) adds the probability anyway."""
         started = time.perf_counter()
-        images, deadline, body_force, answers = await take_images(request, batch=False)
-        (result,) = await predict_all(images, deadline, force or body_force)
+        images, photos, deadline, body_force, answers = await take_images(request, batch=False)
+        (result,) = await predict_all(photos, deadline, force or body_force)
         if isinstance(result, ApiError):
             raise result
         if not result.ok:
@@ -972,8 +954,8 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     async def predict_batch(request: Request, force: bool = False) -> JSONResponse:
         """Per item: a prediction, a photo to retake (`quality: "retake"`; `force` as in /v1/predict), or an error."""
         started = time.perf_counter()
-        images, deadline, body_force, answers = await take_images(request, batch=True)
-        results = await predict_all(images, deadline, force or body_force)
+        _, photos, deadline, body_force, answers = await take_images(request, batch=True)
+        results = await predict_all(photos, deadline, force or body_force)
         predictor, _ = service()
         items = []
         for i, r in enumerate(results):
@@ -1005,13 +987,13 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         """The photos' logits are averaged over those the quality gate accepts (all, with `force`); answers
         (the first item's) adjust the combined estimate once. Unreadable photos are set aside with a reason."""
         started = time.perf_counter()
-        images, deadline, body_force, answers = await take_images(request, batch=True)
+        images, photos, deadline, body_force, answers = await take_images(request, batch=True)
         if len(images) > MAX_LESION_PHOTOS:
             raise ApiError(400, "too_many_images", f"a lesion takes at most {MAX_LESION_PHOTOS} photos")
         bad = next((a for a in answers if isinstance(a, ApiError)), None)
         if bad is not None:
             raise bad
-        results = await predict_all(images, deadline, force or body_force)
+        results = await predict_all(photos, deadline, force or body_force)
         predictor, _ = service()
         photos = [
             Prediction(None, None, None, predictor.threshold, error=r.message) if isinstance(r, ApiError) else r
