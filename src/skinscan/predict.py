@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from .data import IMAGE_SUFFIXES
 from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
 from .metrics import sigmoid
 from .preprocess import ImageSource, load_pixels, normalise
-from .quality import QualityGate, QualityReport, Verdict
+from .quality import QualityGate, QualityReport, Verdict, pixel_measures
 
 Decision = Literal["refer", "monitor"]
+
+log = logging.getLogger("skinscan")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,19 @@ class Prediction:
             "image_probability": self.image_probability,
             "timings_ms": dict(self.timings_ms),
         }
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One photo after `Predictor.decode`: the model's uint8 (S, S, 3) pixels, the decoded photo's shorter
+    side, the quality gate's pixel measures and the time taken; or, for an unusable image, its `error`."""
+
+    pixels: np.ndarray | None = field(repr=False)
+    shorter_side: int | None
+    measures: Mapping[str, float] | None
+    error: str | None = None
+    decode_ms: float = 0.0
+    measure_ms: float = 0.0
 
 
 class Predictor:
@@ -199,43 +215,59 @@ class Predictor:
         return results
 
     def _predict_chunk(self, chunk: list[tuple[ImageSource, str | None]], force: bool) -> list[Prediction]:
-        pixels, sides, decode_ms, errors = [], [], [], {}
-        for i, (source, _) in enumerate(chunk):
-            t = time.perf_counter()
-            try:
-                data = _read(source)
-                pixels.append(load_pixels(data, self.spec))
-                sides.append(_shorter_side(data))
-            except InvalidImage as exc:
-                errors[i] = str(exc)
-            decode_ms.append((time.perf_counter() - t) * 1000)
+        return self.predict_decoded([self.decode(source) for source, _ in chunk], [n for _, n in chunk], force=force)
+
+    def decode(self, source: ImageSource) -> Decoded:
+        """Everything about one photo that needs no model: decode, resize, the quality gate's pixel measures.
+        Never raises for a bad image: the result carries its `error`. Thread-safe, so a server decodes
+        photos in parallel while the batched inference (`predict_decoded`) runs."""
+        t = time.perf_counter()
+        try:
+            data = _read(source)
+            pixels = load_pixels(data, self.spec)
+            side = _shorter_side(data)
+        except InvalidImage as exc:
+            return Decoded(None, None, None, error=str(exc), decode_ms=(time.perf_counter() - t) * 1000)
+        except Exception as exc:  # a decoder tripping over a malformed file: this image's error, nobody else's
+            log.warning("undecodable image raised %s (not InvalidImage)", type(exc).__name__)
+            message = f"cannot read the image ({type(exc).__name__}); send a JPEG, PNG, WebP or HEIC photo"
+            return Decoded(None, None, None, error=message, decode_ms=(time.perf_counter() - t) * 1000)
+        decode_ms = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        measures = pixel_measures(pixels)
+        return Decoded(pixels, side, measures, decode_ms=decode_ms, measure_ms=(time.perf_counter() - t) * 1000)
+
+    def predict_decoded(
+        self, decoded: Sequence[Decoded], names: Sequence[str | None] | None = None, *, force: bool = False
+    ) -> list[Prediction]:
+        """One inference over the decoded photos (see `decode`), then the quality gate's verdicts."""
+        names = list(names) if names is not None else [None] * len(decoded)
+        good = [d for d in decoded if d.error is None]
         infer_ms = gate_ms = 0.0
-        if pixels:
-            batch = np.stack(pixels)
+        if good:
+            batch = np.stack([d.pixels for d in good])
             t = time.perf_counter()
             outputs = self.run(normalise(batch, self.spec))
             logits, cams = outputs["logit"], outputs.get("cam")
-            infer_ms = (time.perf_counter() - t) * 1000 / len(pixels)
+            infer_ms = (time.perf_counter() - t) * 1000 / len(good)
             probs = self.calibrate(logits)
             t = time.perf_counter()
-            reports = self.gate.check(batch, sides, outputs.get("embedding"))
-            gate_ms = (time.perf_counter() - t) * 1000 / len(pixels)
+            reports = self.gate.check(
+                batch, [d.shorter_side for d in good], outputs.get("embedding"), measures=[d.measures for d in good]
+            )
+            gate_ms = (time.perf_counter() - t) * 1000 / len(good)
         out, j = [], 0
-        for i, (_, name) in enumerate(chunk):
-            if i in errors:
-                out.append(
-                    Prediction(
-                        name,
-                        None,
-                        None,
-                        self.threshold,
-                        error=errors[i],
-                        timings_ms=MappingProxyType({"decode": round(decode_ms[i], 3)}),
-                    )
-                )
+        for d, name in zip(decoded, names, strict=True):
+            if d.error is not None:
+                timings = MappingProxyType({"decode": round(d.decode_ms, 3)})
+                out.append(Prediction(name, None, None, self.threshold, error=d.error, timings_ms=timings))
                 continue
             p, report = float(probs[j]), reports[j]
-            timings = {"decode": round(decode_ms[i], 3), "infer": round(infer_ms, 3), "gate": round(gate_ms, 3)}
+            timings = {
+                "decode": round(d.decode_ms, 3),
+                "infer": round(infer_ms, 3),
+                "gate": round(gate_ms + d.measure_ms, 3),
+            }
             out.append(
                 Prediction(
                     path=name,
