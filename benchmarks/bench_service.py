@@ -1,7 +1,9 @@
 """Load test of `skinscan serve` against two baselines measured in the same run, on loopback.
 
 Systems (each a separate server process, started and stopped here):
-  serve     `skinscan serve`: ONNX Runtime, model loaded once, dynamic batching.
+  serve     `skinscan serve`: ONNX Runtime, model loaded once, dynamic batching (one process).
+  serve-workers  the same with `--workers <cores> --threads 1`: one process per core (each its own GIL
+            and batcher, one ONNX Runtime thread each; /metrics adds up the workers).
   torch     the same network in PyTorch eager (inference_mode, channels_last, glibc malloc tuning) in a
             plain FastAPI handler, one image per call, no batching; needs a training run folder (--run).
   reload    the prototype's pattern: the ONNX model loaded from disk on every request.
@@ -9,9 +11,11 @@ Systems (each a separate server process, started and stopped here):
 For each system and concurrency level (default 1, 8, 32) a bounded load generator sends a fixed number
 of 224x224 JPEGs (examples/isic-*.jpg, raw image/jpeg bodies) with a time limit, then reports throughput,
 p50/p99 latency and the server's peak RSS (VmHWM). A generated 12-megapixel phone JPEG (4000x3000) is
-timed at concurrency 1. The load generator shares the CPU with the server: run on a quiet machine.
+timed at concurrency 1. The load generator (raw keep-alive sockets, ~0.1 ms CPU per request) shares the
+CPU with the server: run on a quiet machine. `--repeat N` runs the systems N times, interleaved, and
+reports medians and serve's throughput over each baseline's, paired within a repeat.
 
-    python benchmarks/bench_service.py --out benchmarks/results/service.json
+    python benchmarks/bench_service.py --repeat 3 --out benchmarks/results/service.json
     python benchmarks/bench_service.py --requests 20 --concurrency 1 8 --systems serve reload  # smoke
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -120,8 +125,10 @@ def _free_port() -> int:
 def _start(system: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ)
-    if system == "serve":
+    if system.startswith("serve"):
         cmd = [sys.executable, "-m", "skinscan", "serve", "--port", str(port)]
+        if system == "serve-workers":  # one process per core, one ONNX Runtime thread each
+            cmd += ["--workers", str(os.cpu_count() or 1), "--threads", "1"]
         cmd += ["--model", str(args.model)] if args.model else []
         env.pop("SKINSCAN_API_KEY", None)
     else:
@@ -158,13 +165,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    """The largest peak RSS (VmHWM) of the server process and its worker processes, in MB."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    peaks = []
+    for p in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks) if peaks else None
 
 
 # ---------------------------------------------------------------- load generator
@@ -318,18 +329,18 @@ def _summary(results: list[dict], args: argparse.Namespace) -> str:
         tput = statistics.median(lv["throughput_rps"] for lv in levels)
         p99 = statistics.median(lv["p99_ms"] for lv in levels)
         lines.append(f"| {system} | {c} | {tput:.1f} | {p99:.1f} | {len(levels)} |")
-    for base in ("torch", "reload"):
+    for serve, base in [(s, b) for s in ("serve", "serve-workers") for b in ("torch", "reload")]:
         for c in args.concurrency:
             pairs = [
                 (a["throughput_rps"], b["throughput_rps"])
-                for a in by.get(("serve", c), [])
+                for a in by.get((serve, c), [])
                 for b in by.get((base, c), [])
                 if a["repeat"] == b["repeat"]
             ]
             if pairs:
                 ratios = [a / b for a, b in pairs]
                 shown = ", ".join(f"{x:.2f}" for x in ratios)
-                lines.append(f"\nserve / {base} at c={c}: median {statistics.median(ratios):.2f}x (runs: {shown})")
+                lines.append(f"\n{serve} / {base} at c={c}: median {statistics.median(ratios):.2f}x (runs: {shown})")
     return "\n".join(lines)
 
 
@@ -342,13 +353,24 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("runs/skinscan-phone"),
         help="training run of the served model, for the torch baseline (default runs/skinscan-phone: the default model)",
     )
-    p.add_argument("--systems", nargs="+", default=["serve", "torch", "reload"], choices=["serve", "torch", "reload"])
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        default=["serve", "serve-workers", "torch", "reload"],
+        choices=["serve", "serve-workers", "torch", "reload"],
+        help="serve-workers: skinscan serve --workers <cores> --threads 1",
+    )
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=400, help="requests per level (default 400)")
     p.add_argument("--reload-requests", type=int, default=100, help="cap for the slow reload baseline (default 100)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most (default 60)")
     p.add_argument("--phone-requests", type=int, default=20, help="12 MP requests at concurrency 1 (default 20)")
-    p.add_argument("--phone-systems", nargs="*", default=["serve", "torch"], help="systems timed on the 12 MP photo")
+    p.add_argument(
+        "--phone-systems",
+        nargs="*",
+        default=["serve", "serve-workers", "torch"],
+        help="systems timed on the 12 MP photo",
+    )
     p.add_argument("--repeat", type=int, default=1, help="run every system this many times, interleaved (medians)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--serve-baseline", choices=["torch", "reload"], help=argparse.SUPPRESS)

@@ -19,13 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(model: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_serve(
+    model: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     """`skinscan serve --model MODEL` with `env` (default: this environment without SKINSCAN_* settings);
     returns the process and its base URL once /v2/health/ready answers 200 (fails the test otherwise)."""
     port = free_port()
     if env is None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKINSCAN_")}
-    cmd = [sys.executable, "-m", "skinscan", "serve", "--model", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "skinscan", "serve", "--model", str(model), "--port", str(port), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -608,3 +608,25 @@ def test_real_server_finishes_in_flight_request_on_sigterm(server: tuple[subproc
     log = proc.stdout.read()
     assert "ready" in log and "stopped" in log  # the lifespan shut down: the batcher drained
     assert b64(jpeg)[:40] not in log
+
+
+def test_several_workers_share_one_metrics_view(model_path: Path) -> None:
+    """`--workers 2`: whichever worker answers /metrics, it counts every worker's requests."""
+    from serve_process import stop_serve
+
+    proc, url = start_serve(model_path, args=("--workers", "2", "--threads", "1"))
+    try:
+        jpeg = EXAMPLES[0].read_bytes()
+        with httpx.Client(base_url=url, timeout=30) as c:  # one connection per request: both workers answer
+            for _ in range(12):
+                r = httpx.post(f"{url}/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}, timeout=30)
+                assert r.status_code == 200
+            views = {c.get("/metrics").text for _ in range(4)}
+        for text in views:
+            assert 'skinscan_requests_total{route="/v1/predict",status="200"} 12.0' in text
+            assert "skinscan_ready 1.0" in text
+        metrics_dirs = [p for p in Path("/dev/shm").glob("skinscan-metrics-*")] if Path("/dev/shm").is_dir() else []
+        assert metrics_dirs  # the workers' shared folder exists while serving...
+    finally:
+        stop_serve(proc)
+    assert not [p for p in metrics_dirs if p.exists()]  # ...and is removed on shutdown

@@ -459,7 +459,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Each worker process builds its own app from the environment, so pass the flags on through it.
     for key, value in flags.items():
         os.environ[f"SKINSCAN_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
-    uvicorn.run("skinscan.service:create_app_from_env", factory=True, workers=settings.workers, **common)
+    import shutil
+    import tempfile
+
+    from .service import MULTIPROC_ENV
+
+    # The workers' metrics meet in a folder (prometheus_client's multiprocess mode): counts, never images.
+    shm = Path("/dev/shm")
+    metrics_dir = tempfile.mkdtemp(prefix="skinscan-metrics-", dir=shm if shm.is_dir() else None)
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        uvicorn.run("skinscan.service:create_app_from_env", factory=True, workers=settings.workers, **common)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -48,6 +48,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 import uuid
 import warnings
@@ -83,6 +84,7 @@ from .predict import Decoded, Prediction, Predictor
 from .preprocess import MAX_PIXELS
 
 log = logging.getLogger("skinscan.service")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode (several workers)
 
 MODEL_ROUTE_NAME = "skinscan"  # the model's name in KServe v2 routes: /v2/models/skinscan
 _T = TypeVar("_T")
@@ -245,7 +247,11 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
 
 # ---------------------------------------------------------------- metrics
 class _Metrics:
-    """Prometheus metrics in a registry of their own (one per app, so tests can build many apps)."""
+    """Prometheus metrics in a registry of their own (one per app, so tests can build many apps).
+
+    With several worker processes (`skinscan serve --workers N`) each process writes its values to the
+    folder in PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by the CLI) and
+    `/metrics` adds up every worker's, whichever worker answers."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -269,7 +275,19 @@ class _Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.ready = Gauge("skinscan_ready", "1 once the model is loaded and warmed up", registry=r)
+        # multiprocess: 1 only when every live worker is ready
+        self.ready = Gauge(
+            "skinscan_ready", "1 once the model is loaded and warmed up", registry=r, multiprocess_mode="livemin"
+        )
+
+    def exposition(self) -> bytes:
+        if os.environ.get(MULTIPROC_ENV):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------- dynamic batching
@@ -1048,7 +1066,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
 
     @app.get("/metrics", summary="Prometheus metrics", dependencies=protected)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     # the web page: static files shipped in the package, no build step, nothing loaded from elsewhere
     web = _web_root()
