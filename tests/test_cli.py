@@ -22,7 +22,7 @@ def skinscan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 def test_help_explains_every_command():
     out = skinscan("--help")
     assert out.returncode == 0
-    for cmd in ("predict", "train", "evaluate", "export", "serve"):
+    for cmd in ("predict", "train", "evaluate", "export", "serve", "batch"):
         assert cmd in out.stdout
     sub = skinscan("predict", "--help")
     assert "--output" in sub.stdout and "recursively" in sub.stdout
@@ -74,3 +74,12 @@ def test_evaluate_writes_metrics_report_and_plots(tmp_path, isic_mvb):
         assert (tmp_path / "rep" / plot).stat().st_size > 1000
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "ROC AUC" in report and "![ROC](roc.png)" in report
+
+
+def test_batch_and_replicas_without_the_scale_extra_say_how_to_get_it(tmp_path):
+    """As if Ray were not installed (`sys.modules["ray"] = None` makes `import ray` fail)."""
+    for args in (["batch", str(EXAMPLES), "-o", str(tmp_path / "o.parquet")], ["serve", "--replicas", "1"]):
+        code = f"import sys; sys.modules['ray'] = None; from skinscan.cli import main; sys.exit(main({args!r}))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert "pip install 'skinscan[scale]'" in out.stderr and "Traceback" not in out.stderr

@@ -24,7 +24,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,12 +326,11 @@ def run_batch(
     actors: int | None = None,
     threads_per_actor: int = 1,
     progress: bool = True,
-    on_part: Callable[[int], None] | None = None,
 ) -> BatchSummary:
     """Score every image of `inputs` (see `list_inputs`) into the Parquet folder `output`, skipping paths
     already there. `address`: a Ray cluster (default: RAY_ADDRESS, else Ray starts on this machine).
-    `actors`: model replicas (default: one per CPU of the cluster). `on_part(rows)` is called after each
-    part file is written."""
+    `actors`: model replicas (default: one per CPU of the cluster). Interrupted (Ctrl-C), it keeps every
+    finished part and says so: the same call again scores the rest."""
     started = time.perf_counter()
     output = Path(output)
     items = inputs if isinstance(inputs, BatchInputs) else list_inputs(inputs)
@@ -350,8 +349,9 @@ def run_batch(
     predictor = Predictor(model)  # fails here, before Ray starts, on a bad model; also checks the answers
     if items.answers and any(a is not None and not a.empty for a in items.answers):
         predictor.answers_adjustments()
-    model_arg = str(predictor.model_path)
     del predictor
+    # A bundled name (or None: the default) is resolved by each node in its own install; a file, absolute.
+    model_arg = str(Path(model).resolve()) if model is not None and Path(str(model)).is_file() else model
 
     ray = connect(address)
     ctx = ray.data.DataContext.get_current()
@@ -378,15 +378,19 @@ def run_batch(
     output.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     scored = errors = retakes = refer = 0
-    for index, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-        table = table.select(_schema().names).cast(_schema())
-        _write_part(output, table, run_id, index)
-        scored += table.num_rows
-        errors += table.num_rows - table.column("error").null_count
-        retakes += table.column("quality").to_pylist().count("retake")
-        refer += table.column("decision").to_pylist().count("refer")
-        if on_part:
-            on_part(table.num_rows)
+    try:
+        for index, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+            table = table.select(_schema().names).cast(_schema())
+            _write_part(output, table, run_id, index)
+            scored += table.num_rows
+            errors += table.num_rows - table.column("error").null_count
+            retakes += table.column("quality").to_pylist().count("retake")
+            refer += table.column("decision").to_pylist().count("refer")
+    except KeyboardInterrupt:
+        raise SkinscanError(
+            f"interrupted: the {scored} image(s) scored in this run are saved in {output}; "
+            "run the same command again to score the rest"
+        ) from None
     return BatchSummary(
         output, len(items.paths), skipped, scored, errors, retakes, refer, time.perf_counter() - started
     )
