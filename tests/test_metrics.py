@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from skinscan.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
+    ece_if_calibrated,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
@@ -75,6 +76,18 @@ def test_ece_is_large_when_overconfident() -> None:
 
     assert calibrated < 0.02
     assert overconfident > 0.1
+
+
+def test_ece_if_calibrated_shrinks_with_set_size_and_brackets_a_calibrated_model() -> None:
+    rng = np.random.default_rng(3)
+    p = rng.beta(0.6, 0.8, 5000)
+    small, large = ece_if_calibrated(p[:118]), ece_if_calibrated(p[:2000], n_sim=200)
+    assert small[1] <= small[0] <= small[2] and large[0] < small[0] / 2
+    assert 0.05 < small[0] < 0.12  # a perfect model scores ~0.08 on 118 images: the locked box's size
+    y = (rng.random(118) < p[:118]).astype(int)  # labels that follow the probabilities
+    assert small[1] * 0.5 <= expected_calibration_error(y, p[:118]) <= small[2] * 1.5
+    overconfident = sigmoid(4 * (np.log(p[:118] / (1 - p[:118]))))
+    assert expected_calibration_error(y, overconfident) > ece_if_calibrated(overconfident)[2]
 
 
 def test_ece_of_known_bins() -> None:

@@ -230,15 +230,24 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
         f"Images: {payload['data']['n_images']} ({payload['data']['n_unreadable']} unreadable; "
         f"{payload['data']['n_quality_retake']} flagged for a retake by the quality gate, scored anyway).",
         "",
-        "| subset | n (malignant) | ROC AUC [95% CI] | sensitivity | specificity | accuracy | ECE (15 bins) | Brier |",
-        "|---|---|---|---|---|---|---|---|",
+        "| subset | n (malignant) | ROC AUC [95% CI] | sensitivity | specificity | accuracy | ECE (15 bins) "
+        "| ECE if calibrated | Brier |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        mid, lo, hi = r.ece_if_calibrated
         lines.append(
             f"| {name} | {r.n} ({r.n_malignant}) | {r.auc:.4f} [{r.auc_ci[0]:.4f}, {r.auc_ci[1]:.4f}] | "
-            f"{r.sensitivity:.3f} | {r.specificity:.3f} | {r.accuracy:.3f} | {r.ece:.4f} | {r.brier:.4f} |"
+            f"{r.sensitivity:.3f} | {r.specificity:.3f} | {r.accuracy:.3f} | {r.ece:.4f} | "
+            f"{mid:.3f} [{lo:.3f}, {hi:.3f}] | {r.brier:.4f} |"
         )
-    lines += ["", "Intervals: percentile bootstrap (1000 resamples; whole patients where recorded).", ""]
+    lines += [
+        "",
+        "Intervals: percentile bootstrap (1000 resamples; whole patients where recorded). ECE if calibrated: the "
+        "ECE a perfectly calibrated model with these probabilities would show on this many images (median, "
+        "90% range; binned ECE is biased upwards on small sets): only an ECE above that range shows miscalibration.",
+        "",
+    ]
     for title, fname in figures:
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
     (out / "report.md").write_text("\n".join(lines))
