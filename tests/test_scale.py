@@ -23,7 +23,7 @@ pytest.importorskip("ray", reason="the scale extra is not installed: pip install
 pa = pytest.importorskip("pyarrow")
 
 from skinscan.errors import InvalidAnswers, SkinscanError  # noqa: E402
-from skinscan.ray_batch import list_inputs, read_output, scored_paths  # noqa: E402
+from skinscan.ray_batch import list_inputs, read_image_bytes, read_output, scored_paths  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # A loopback test cluster without token authentication (both sides must agree on the mode).
@@ -85,6 +85,15 @@ def test_inputs_from_folder_glob_table_and_uri(messy_folder: Path, tmp_path: Pat
     assert (
         list_inputs(pq_path).paths == [str(messy_folder / "isic-benign-2.jpg")] and list_inputs(pq_path).answers is None
     )
+
+
+def test_images_are_read_through_pyarrow_filesystems_for_uris(messy_folder: Path):
+    local = messy_folder / "isic-benign-1.jpg"
+    assert read_image_bytes(f"file://{local}") == read_image_bytes(str(local)) == local.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        read_image_bytes(f"file://{messy_folder}/missing.jpg")  # the actor turns this into the row's error
+    with pytest.raises(SkinscanError, match="pyarrow filesystems"):
+        list_inputs("nosuchscheme://bucket/photos/")
 
 
 def test_inputs_refuse_with_clear_errors(tmp_path: Path):

@@ -668,7 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
-    p.add_argument("--workers", type=int, help="worker processes, each with its own model (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes, each with its own model (default 1); for the most throughput on a multi-core "
+        "machine use one per core with --threads 1",
+    )
     p.add_argument(
         "--model",
         help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)",
