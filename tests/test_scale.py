@@ -173,6 +173,12 @@ def test_batch_applies_answers_from_the_table(tmp_path: Path, predictor):
 def test_batch_cli_errors_are_clear(tmp_path: Path):
     missing = batch(str(tmp_path / "none"), "-o", str(tmp_path / "o.parquet"))
     assert missing.returncode == 2 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+    nobody = batch(
+        str(EXAMPLES), "-o", str(tmp_path / "o.parquet"), "--address", f"127.0.0.1:{free_port()}", timeout=60
+    )
+    assert (
+        nobody.returncode == 2 and "cannot reach the Ray cluster" in nobody.stderr and "Traceback" not in nobody.stderr
+    )
     bad_model = batch(str(EXAMPLES), "-o", str(tmp_path / "o.parquet"), "--model", str(EXAMPLES / "SOURCES.md"))
     assert bad_model.returncode == 2 and "cannot load" in bad_model.stderr and "Traceback" not in bad_model.stderr
 
