@@ -292,26 +292,13 @@ class _Scorer:
             answers.append(None if raw is None else Answers.model_validate_json(raw))
             where.append(i)
         if sources:
-            for i, pred in zip(where, self._predict(sources, names, answers), strict=True):
-                results[i] = pred
-        return pa.Table.from_pydict(_rows(results, self.info), schema=_schema())  # type: ignore[arg-type]
-
-    def _predict(self, sources: list[bytes], names: list[str], answers: list[Answers | None]) -> list[Prediction]:
-        try:
-            return self.predictor.predict(
+            # a bad image is its own row's error (Predictor.decode never raises for one)
+            preds = self.predictor.predict(
                 sources, names=names, batch_size=len(sources), force=self.force, answers=answers
             )
-        except Exception:  # an unexpected failure on one image must not take its batch down: one by one
-            log.exception("a batch failed; scoring its images one at a time")
-        out = []
-        for source, name, ans in zip(sources, names, answers, strict=True):
-            try:
-                out.extend(self.predictor.predict([source], names=[name], force=self.force, answers=[ans]))
-            except Exception as exc:
-                from .predict import Prediction
-
-                out.append(Prediction(name, None, None, self.predictor.threshold, error=f"internal error: {exc}"))
-        return out
+            for i, pred in zip(where, preds, strict=True):
+                results[i] = pred
+        return pa.Table.from_pydict(_rows(results, self.info), schema=_schema())  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the job
