@@ -25,6 +25,9 @@ DEFAULT_NONLESION = "tests/assets/nonlesion/tune"  # the quality gate's tuning p
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
 log = logging.getLogger("skinscan")
+_MODEL_HELP = (
+    "ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)"
+)
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -492,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument(
         "--model",
-        help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)",
+        help=_MODEL_HELP,
     )
     p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
@@ -573,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics, plots and a report for a model",
         description="Score a labelled dataset: metrics.json, predictions.csv, plots and report.md.",
     )
-    p.add_argument("--model", help="ONNX model file or bundled model name (default: skinscan-lite0-phone)")
+    p.add_argument("--model", help=_MODEL_HELP)
     p.add_argument("--data", required=True, help="dataset folder, labels CSV or name (e.g. isic-mvb)")
     p.add_argument("--split", default="auto", help="split folder to score (default: test if present)")
     p.add_argument("--out", required=True, help="report folder")
@@ -648,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output folder, e.g. scores.parquet")
     p.add_argument(
         "--model",
-        help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic",
+        help=_MODEL_HELP,
     )
     p.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS, else local)")
     p.add_argument("--force", action="store_true", help="predict photos the quality gate refuses, too")
@@ -676,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)",
+        help=_MODEL_HELP,
     )
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body in bytes (default 32 MiB)")
