@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import SMALL_IMAGES, _free_port, _load, _peak_rss_mb, _phone_photo
+from bench_service import SMALL_IMAGES, _load, _peak_rss_mb, _phone_photo, _start, _stop
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -148,29 +146,6 @@ def sizing(cpu_ms: dict, efficiency: float) -> dict:
     }
 
 
-def _start_server(replicas: int | None) -> tuple[subprocess.Popen, str, Path]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "skinscan", "serve", "--port", str(port)]
-    cmd += ["--replicas", str(replicas)] if replicas else []
-    log = Path(tempfile.mkstemp(suffix=".log")[1])
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                time.sleep(3 if replicas else 0)  # every replica warmed up, not only the first
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready within 180 s")
-
-
 def _ray_rss_mb() -> float:
     """Total RSS of the Ray processes (raylet, GCS, proxy, controller, replicas) now, in MB."""
     total = 0
@@ -191,24 +166,20 @@ def _ray_rss_mb() -> float:
 def serving(repeat: int, requests: int) -> dict:
     bodies = [f.read_bytes() for f in SMALL_IMAGES]
     runs: dict[str, list[dict]] = {"serve": [], "serve --replicas 2": []}
+    server_args = argparse.Namespace(model=None, run=None)  # the bundled default model
     for r in range(repeat):
-        for name, replicas in (("serve", None), ("serve --replicas 2", 2)):
-            proc, url, log = _start_server(replicas)
+        for name, system in (("serve", "serve"), ("serve --replicas 2", "serve-replicas")):
+            proc, url = _start(system, server_args)
             try:
                 level = asyncio.run(_load(url, bodies, 8, requests, 60))
                 level["peak_rss_mb"] = _peak_rss_mb(proc.pid)
-                if replicas:
+                if system == "serve-replicas":
                     level["ray_processes_rss_mb"] = round(_ray_rss_mb())
                 level["repeat"] = r
                 runs[name].append(level)
                 print(f"  {name}: {level}", file=sys.stderr)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                log.unlink(missing_ok=True)
+                _stop(proc)
     ratios = [
         b["throughput_rps"] / a["throughput_rps"]
         for a, b in zip(runs["serve"], runs["serve --replicas 2"], strict=True)

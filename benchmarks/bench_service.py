@@ -129,6 +129,9 @@ def _start(system: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str
         cmd = [sys.executable, "-m", "skinscan", "serve", "--port", str(port)]
         if system == "serve-workers":  # one process per core, one ONNX Runtime thread each
             cmd += ["--workers", str(os.cpu_count() or 1), "--threads", "1"]
+        elif system == "serve-replicas":  # Ray Serve (benchmarks/bench_scale.py)
+            cmd += ["--replicas", "2"]
+            env["RAY_USAGE_STATS_ENABLED"] = "0"
         cmd += ["--model", str(args.model)] if args.model else []
         env.pop("SKINSCAN_API_KEY", None)
     else:
@@ -140,25 +143,27 @@ def _start(system: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (it lives as long as the server)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
             raise SystemExit(f"{system} server exited with {proc.returncode}:\n{log.read()[-3000:]}")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                if system == "serve-replicas":
+                    time.sleep(3)  # every replica warmed up, not only the first that answered
                 return proc, url
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"{system} server not ready within 120 s")
+    raise SystemExit(f"{system} server not ready within 180 s")
 
 
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
