@@ -146,7 +146,9 @@ def _fit_gate_in_memory(predictor: Predictor, data_root: Path, nonlesion: Path, 
 class _NoGate:
     """Stands in for the gate: every photo ok, no work. Isolates the gate's cost inside `predict`."""
 
-    def check(self, pixels: np.ndarray, sides: Sequence, embeddings: np.ndarray | None) -> list[QualityReport]:
+    def check(
+        self, pixels: np.ndarray, sides: Sequence, embeddings: np.ndarray | None, measures: Sequence | None = None
+    ) -> list[QualityReport]:
         ok = QualityReport(
             verdict="ok",
             reasons=(),
