@@ -32,6 +32,7 @@ class TrainConfig(BaseModel):
     folds: int | None = Field(default=None, ge=2, le=20)
     val_fraction: float = Field(gt=0.0, lt=0.5)
     seed: int
+    split_seed: int | None = None
     limit: int | None = Field(default=None, gt=0)
     arch: Literal["efficientnet-lite0", "efficientnet-lite1"]
     image_size: int = Field(ge=64, le=512)
@@ -53,6 +54,11 @@ class TrainConfig(BaseModel):
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing these settings train with; export copies it into the model card."""
         return PreprocessSpec(size=self.image_size, color_constancy=self.color_constancy)
+
+    @property
+    def split_seed_used(self) -> int:
+        """The seed of the validation split and the folds: `split_seed`, else `seed`."""
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 def default_values() -> dict[str, Any]:

@@ -72,7 +72,7 @@ def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
         n_excluded, records = len(records) - len(kept), kept
     records, n_dupes = drop_exact_duplicates(records)
     if cfg.limit:
-        rng = np.random.default_rng(cfg.seed)
+        rng = np.random.default_rng(cfg.split_seed_used)  # which images: data, like the split
         records = [records[i] for i in sorted(rng.permutation(len(records))[: cfg.limit])]
     if cfg.source_weights:
         unknown = set(cfg.source_weights) - {r.source for r in records}
@@ -208,13 +208,13 @@ def train(
     records, data_info = load_training_records(cfg)
 
     if not cfg.folds:
-        train_recs, val_recs = grouped_split(records, cfg.val_fraction, cfg.seed)
+        train_recs, val_recs = grouped_split(records, cfg.val_fraction, cfg.split_seed_used)
         (run / "data.json").write_text(json.dumps({**data_info, **_split_info(train_recs, val_recs)}, indent=2))
         return _fit(cfg, train_recs, val_recs, run, resume, progress, calibrate_only=calibrate_only)
 
     (run / "data.json").write_text(json.dumps(data_info, indent=2))
     rows, result = [], None
-    for k, (train_recs, val_recs) in enumerate(grouped_kfold(records, cfg.folds, cfg.seed)):
+    for k, (train_recs, val_recs) in enumerate(grouped_kfold(records, cfg.folds, cfg.split_seed_used)):
         fold_dir = run / f"fold-{k}"
         log.info("fold %d/%d: train %d, validation %d", k + 1, cfg.folds, len(train_recs), len(val_recs))
         fold_dir.mkdir(exist_ok=True)
