@@ -219,7 +219,7 @@ def locked_box(model: Path, data_records: list, locked: set, oof_keys: list[str]
     seconds = time.perf_counter() - t
     if any(p.probability is None for p in image):
         raise SystemExit("some locked-box photos could not be scored: " + "; ".join(p.error or "" for p in image))
-    z_image = np.array([p.logit / predictor.card.temperature for p in image])
+    z_image = np.array([p.logit / predictor.temperature_for(p.photo_type) for p in image])  # its type's
     z_both = z_image + np.array([math.fsum(a.log_odds for a in p.adjustments) for p in both])
     # the Predictor's own probabilities are these, to rounding (the scores are kept as log-odds: no ties at 1.0)
     assert np.allclose(sigmoid(z_both), [p.probability for p in both], rtol=0, atol=1e-12)
@@ -234,7 +234,7 @@ def locked_box(model: Path, data_records: list, locked: set, oof_keys: list[str]
     )
     z_hidden_answers = score(alone, np.zeros(len(box)), hidden)
     complete = np.array([is_complete(a) for a in answers])
-    thr = predictor.threshold
+    thr = np.array([p.threshold for p in image])  # each photo's (its detected type's, where the model has types)
     out: dict = {
         "model": {**predictor.info(), "path": str(model)},
         "photos": len(box),
@@ -250,9 +250,9 @@ def locked_box(model: Path, data_records: list, locked: set, oof_keys: list[str]
     for subset, (mask, zi, za, zb) in streams.items():
         gm = [g[i] for i in np.flatnonzero(mask)]
         out[subset] = {
-            "image only": summary(y[mask], zi[mask], gm, thr, args.bootstrap),
+            "image only": summary(y[mask], zi[mask], gm, thr[mask], args.bootstrap),
             "answers only": summary(y[mask], za[mask], gm, None, args.bootstrap),
-            "image + answers": summary(y[mask], zb[mask], gm, thr, args.bootstrap),
+            "image + answers": summary(y[mask], zb[mask], gm, thr[mask], args.bootstrap),
         }
     gm = [g[i] for i in np.flatnonzero(complete)]
     diff = paired_auc_difference(y[complete], z_image[complete], z_both[complete], gm, n_boot=args.bootstrap)
@@ -358,7 +358,7 @@ def main() -> None:
     keys = sorted(oof)
     from skinscan.predict import Predictor
 
-    threshold = Predictor(args.model).threshold
+    threshold = Predictor(args.model).threshold_for("phone")  # all phone photos: the phone type's, where typed
     t = time.perf_counter()
     table, full = cross_validated(keys, oof, records, threshold, args)
     result: dict = {

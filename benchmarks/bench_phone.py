@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +45,15 @@ def ink_fraction(path: Path) -> float:
 
 def summary(y, p, thr, groups) -> dict:
     m = binary_metrics(y, p, thr, groups).to_dict()
-    return {k: m[k] for k in ("n", "n_malignant", "auc", "auc_ci", "sensitivity", "specificity", "ece")}
+    keys = ("n", "n_malignant", "auc", "auc_ci", "sensitivity", "specificity", "ece", "ece_if_calibrated")
+    return {k: m[k] for k in keys}
 
 
-def score(predictor: Predictor, paths: list) -> tuple[np.ndarray, np.ndarray, list]:
+def score(predictor: Predictor, paths: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Probabilities, logits, each photo's threshold (its detected type's, where the model has types)."""
     res = predictor.predict(paths, batch_size=32, force=True)
-    return np.array([r.probability for r in res]), np.array([r.logit for r in res]), res
+    arrays = (np.array([getattr(r, k) for r in res]) for k in ("probability", "logit", "threshold"))
+    return *arrays, res
 
 
 def main() -> None:
@@ -83,17 +86,23 @@ def main() -> None:
 
     for who, path in (("shipped", args.model), ("archive-only baseline", args.baseline)):
         pred = Predictor(path)
-        thr = pred.threshold
-        p_lock, z_lock, res = score(pred, [r.path for r in lock])
-        p_test, _, _ = score(pred, [r.path for r in clean])
-        p_frame, _, _ = score(pred, frames)
+        p_lock, z_lock, t_lock, res = score(pred, [r.path for r in lock])
+        p_test, _, t_test, res_test = score(pred, [r.path for r in clean])
+        p_frame, _, t_frame, _ = score(pred, frames)
         entry = {
             "model": pred.info(),
-            "threshold": thr,
-            "lockbox": summary(y_lock, p_lock, thr, g_lock),
-            "lockbox_full_frame_4x3": summary(y_lock, p_frame, thr, g_lock),
-            "archive_test_646": summary([r.label for r in clean], p_test, thr, None),
+            "threshold": pred.threshold,
+            "photo_types": {t: pred.threshold_for(t) for t in pred.photo_types.temperatures}
+            if pred.photo_types
+            else None,
+            "lockbox": summary(y_lock, p_lock, t_lock, g_lock),
+            "lockbox_full_frame_4x3": summary(y_lock, p_frame, t_frame, g_lock),
+            "archive_test_646": summary([r.label for r in clean], p_test, t_test, None),
             "lockbox_quality_retake": int(sum(r.quality == "retake" for r in res)),
+            "detected_photo_types": {
+                "lockbox": dict(Counter(r.photo_type or "untyped" for r in res)),
+                "archive_test_646": dict(Counter(r.photo_type or "untyped" for r in res_test)),
+            },
         }
         # skin types recorded with the photo (fitspatrick); AUC where both classes are present
         by_type = defaultdict(list)

@@ -50,24 +50,26 @@ GOALS = "goals: serve >= 3x torch throughput at c=8; p99 at c=8 < 150 ms; 12 MP 
 
 
 # ---------------------------------------------------------------- the two baseline servers
-def _torch_app(run: Path):
-    """PyTorch eager, one image per request, no batching: the naive way to serve the trained network."""
+def _torch_app(runs: list[Path], model: Path):
+    """PyTorch eager, one image per request, no batching: the naive way to serve the trained network (the
+    mean logit of several, for an ensemble model); temperature and threshold from the served model's card."""
     import torch
 
     from skinscan.errors import InvalidImage
     from skinscan.export import load_run_model
+    from skinscan.predict import Predictor
     from skinscan.preprocess import preprocess
 
-    net, cfg = load_run_model(run)
-    net = net.to(memory_format=torch.channels_last)
-    spec = cfg.preprocess_spec()
-    calibration = json.loads((run / "calibration.json").read_text())
-    temperature, threshold = calibration["temperature"], calibration["threshold"]
+    loaded = [load_run_model(run) for run in runs]
+    nets = [net.to(memory_format=torch.channels_last) for net, _ in loaded]
+    spec = loaded[0][1].preprocess_spec()
+    card = Predictor(model).card
+    temperature, threshold = card.temperature, card.threshold
 
     def infer(body: bytes) -> dict:
         x = torch.from_numpy(preprocess(body, spec)[None]).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            logit = float(net(x)[0])
+            logit = float(sum(net(x)[0] for net in nets)) / len(nets)
         p = 1.0 / (1.0 + math.exp(-logit / temperature))
         return {"probability": p, "decision": "refer" if p >= threshold else "monitor"}
 
@@ -108,10 +110,10 @@ def _reload_app(model: Path):
     return app
 
 
-def _serve_baseline(kind: str, port: int, run: Path, model: Path) -> None:
+def _serve_baseline(kind: str, port: int, runs: list[Path], model: Path) -> None:
     import uvicorn
 
-    app = _torch_app(run) if kind == "torch" else _reload_app(model)
+    app = _torch_app(runs, model) if kind == "torch" else _reload_app(model)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -135,7 +137,7 @@ def _start(system: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str
         cmd += ["--model", str(args.model)] if args.model else []
         env.pop("SKINSCAN_API_KEY", None)
     else:
-        cmd = [sys.executable, __file__, "--serve-baseline", system, "--port", str(port), "--run", str(args.run)]
+        cmd = [sys.executable, __file__, "--serve-baseline", system, "--port", str(port), "--run", *map(str, args.run)]
         cmd += ["--model", str(args.model)] if args.model else []
         if system == "torch":
             env.update(MALLOC_ENV)
@@ -355,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--run",
         type=Path,
-        default=Path("runs/skinscan-phone"),
-        help="training run of the served model, for the torch baseline (default runs/skinscan-phone: the default model)",
+        nargs="+",
+        help="training run(s) of the served model, for the torch baseline (default: the runs its model card names "
+        "for an ensemble, else runs/skinscan-phone: the default model)",
     )
     p.add_argument(
         "--systems",
@@ -381,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-baseline", choices=["torch", "reload"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.run = args.run or _card_runs(args.model or _bundled_model())
     if args.serve_baseline:
         model = args.model or _bundled_model()
         _serve_baseline(args.serve_baseline, args.port, args.run, model)
         return 0
-    if "torch" in args.systems and not (args.run / "best.pt").is_file():
-        p.error(f"--run {args.run}: no best.pt there; train first or pass --run, or leave out --systems torch")
+    missing = [str(r) for r in args.run if not (r / "best.pt").is_file()]
+    if "torch" in args.systems and missing:
+        p.error(f"--run {' '.join(missing)}: no best.pt there; train first or pass --run, or leave out --systems torch")
     small = [f.read_bytes() for f in SMALL_IMAGES]
     phone = _phone_photo()
     results = []
@@ -401,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "host": meta, "results": results}
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
+
+
+def _card_runs(model: Path) -> list[Path]:
+    """The training runs an ensemble model's card names (`skinscan export RUN RUN ...`), else the default's."""
+    from skinscan.predict import Predictor
+
+    members = (Predictor(model).card.model_extra.get("training") or {}).get("members") or []
+    return [REPO / m["run"] for m in members] or [REPO / "runs/skinscan-phone"]
 
 
 def _bundled_model() -> Path:

@@ -298,14 +298,14 @@ def test_no_answers_is_exactly_the_image_only_path_on_phone_photos(
 
 
 def test_known_answer_moves_the_logit_by_its_adjustment(predictor: Predictor) -> None:
-    t = predictor.card.temperature
     for path in EXAMPLES:
         base = predictor(path, force=True)
+        t = predictor.temperature_for(base.photo_type)  # the photo's type's temperature
         got = predictor(path, force=True, answers=Answers(bleed="yes"))
         assert got.image_probability == base.probability
         assert got.probability == float(sigmoid(base.logit / t + BLEED_YES))  # exactly the stored adjustment
         assert logit(got.probability) - logit(base.probability) == pytest.approx(BLEED_YES, abs=1e-9)
-        assert got.decision == ("refer" if got.probability >= predictor.threshold else "monitor")
+        assert got.decision == ("refer" if got.probability >= base.threshold else "monitor")
         assert [a.to_dict()["label"] for a in got.adjustments] == ["bleeding: odds x3"]
         both = predictor(path, force=True, answers=Answers(bleed="no", body_site="face", grew="unknown"))
         assert logit(both.probability) - logit(base.probability) == pytest.approx(BLEED_NO + FACE, abs=1e-9)

@@ -24,9 +24,12 @@ def test_combined_estimate_is_the_mean_calibrated_logit(predictor):
     logits = [p.logit for p in result.photos]
     assert result.n_used == 3 and len(result.photos) == 3
     assert result.combined.logit == pytest.approx(float(np.mean(logits)))
-    expected = 1 / (1 + np.exp(-np.mean(logits) / predictor.card.temperature))
+    # two phone photos and a dermoscopic one: the lesion is calibrated as its photos' most common type
+    assert result.combined.photo_type == "phone" and [p.photo_type for p in result.photos].count("phone") == 2
+    expected = 1 / (1 + np.exp(-np.mean(logits) / predictor.temperature_for("phone")))
     assert result.combined.probability == pytest.approx(expected)
-    assert result.combined.decision == ("refer" if expected >= predictor.threshold else "monitor")
+    assert result.combined.threshold == predictor.threshold_for("phone")
+    assert result.combined.decision == ("refer" if expected >= predictor.threshold_for("phone") else "monitor")
     assert min(p.probability for p in result.photos) <= result.combined.probability
     assert result.combined.probability <= max(p.probability for p in result.photos)
 

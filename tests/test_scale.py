@@ -136,6 +136,7 @@ def test_batch_in_process_matches_predict_and_resumes(messy_folder: Path, tmp_pa
         got = rows[want.path]
         assert got["error"] == want.error and got["quality"] == want.quality and got["decision"] == want.decision
         assert got["reasons"] == list(want.reasons) and got["threshold"] == pytest.approx(want.threshold)
+        assert got["photo_type"] == want.photo_type
         if want.probability is None:
             assert got["probability"] is None
         else:

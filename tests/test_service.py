@@ -103,7 +103,7 @@ def test_examples_match_the_predictor(client: TestClient, predictor: Predictor) 
         expected = predictor(path)
         assert body["probability"] == pytest.approx(expected.probability, abs=1e-6)
         assert body["decision"] == expected.decision
-        assert body["threshold"] == predictor.threshold
+        assert body["threshold"] == expected.threshold and body["photo_type"] == expected.photo_type
         assert body["model"] == predictor.info() and len(body["model"]["sha256"]) == 64
         assert "not a diagnosis" in body["advice"]
         assert {"decode", "infer", "total"} <= set(body["timing_ms"])

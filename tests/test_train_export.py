@@ -108,3 +108,49 @@ def test_int8_quantisation_keeps_the_card_and_stays_close(tiny_run, tmp_path):
     b = np.array([r.probability for r in p8.predict(images, force=True)])
     assert np.abs(a - b).max() <= p8.card.quantization["max_abs_probability_diff_on_calibration_images"] + 1e-6
     assert np.abs(a - b).mean() < 0.1
+
+
+def test_runs_with_one_split_seed_export_as_one_ensemble(tiny_run, tmp_path, isic_mvb):
+    from skinscan.errors import SkinscanError
+    from skinscan.export import ensemble_calibration
+    from skinscan.metrics import fit_temperature
+
+    cfg, out, _ = tiny_run
+    other = tmp_path / "seed1"
+    train_mod.train(cfg.model_copy(update={"seed": 1, "split_seed": cfg.seed}), other, progress=False)
+    a, b = (json.loads((r / "data.json").read_text()) for r in (out, other))
+    assert a["val_keys"] == b["val_keys"]  # same validation split, other initialisation and shuffling
+    images = validation_image_paths(out, limit=8)
+    onnx_path = export([out, other], tmp_path, name="pair", version_tag="test", check_images=images)
+    predictor = Predictor(onnx_path)
+    assert predictor.card.parity_max_abs_logit_diff <= 1e-4
+    assert [m["seed"] for m in predictor.card.training["members"]] == [0, 1]
+    nets = [load_run_model(r)[0] for r in (out, other)]
+    batch = normalise(np.stack([load_pixels(p, predictor.spec) for p in images]), predictor.spec)
+    with torch.inference_mode():
+        each = [net(torch.from_numpy(batch)).numpy() for net in nets]
+        first_embedding = nets[0].features(torch.from_numpy(batch)).mean(dim=(2, 3)).numpy()
+    outputs = predictor.run(batch)
+    np.testing.assert_allclose(outputs["logit"], np.mean(each, axis=0), atol=1e-4)
+    np.testing.assert_allclose(outputs["cam"].mean(axis=(1, 2)), outputs["logit"], atol=1e-4)  # still exact
+    np.testing.assert_allclose(outputs["embedding"], first_embedding, atol=1e-4)
+    # calibrated on the mean of the members' validation logits
+    val = [np.load(r / "val_predictions.npz") for r in (out, other)]
+    mean_logits = (val[0]["logits"] + val[1]["logits"]) / 2
+    assert predictor.card.temperature == pytest.approx(fit_temperature(mean_logits, val[0]["labels"]))
+    assert ensemble_calibration([out, other])["validation"]["n"] == len(mean_logits)
+
+    stranger = tmp_path / "split1"
+    train_mod.train(cfg.model_copy(update={"seed": 1}), stranger, progress=False)  # its own split
+    with pytest.raises(SkinscanError, match="split_seed"):
+        export([out, stranger], tmp_path / "bad", name="bad", check_images=images)
+
+
+def test_export_photo_types_on_a_one_kind_run_is_a_clear_error(tiny_run, tmp_path, capsys):
+    from skinscan.cli import main
+
+    _, out, _ = tiny_run  # archive images only: nothing to tell apart
+    assert main(["export", str(out), "--out", str(tmp_path / "models"), "--name", "tiny", "--photo-types"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "both types" in err and "without --photo-types" in err
+    assert not (tmp_path / "models").exists()  # refused before any export work

@@ -268,10 +268,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, record_test_metrics, validation_image_paths
 
-    run = Path(args.run)
+    runs = [Path(r) for r in args.run]
+    run = runs[0]  # an ensemble's runs share their training and validation images
     check = validation_image_paths(run) or None
-    path = export(run, args.out, name=args.name, version_tag=args.version, check_images=check)
+    split = _photo_type_split(run) if args.photo_types else None  # its errors before the export's work
+    path = export(runs, args.out, name=args.name, version_tag=args.version, check_images=check)
     print(f"wrote {path} and {path.with_suffix('.card.json')}")
+    if split:  # before --test: the test metrics use the per-type calibration
+        _add_photo_types(path, *split)
     if args.test:
         report_dir = Path("reports") / f"{args.name}-test"
         record_test_metrics(path, _resolve(args, args.test), report_dir)
@@ -284,6 +288,56 @@ def cmd_export(args: argparse.Namespace) -> int:
         q = quantize_int8(path, validation_image_paths(run, limit=10_000), path.with_name(f"{path.stem}-int8.onnx"))
         print(f"wrote {q} (static int8; evaluate it before use: skinscan evaluate --model {q} ...)")
     return 0
+
+
+def _photo_type_split(run: Path) -> tuple[list, list]:
+    """The run's training and validation records for `--photo-types`, checked before any export work."""
+    from .config import load_config
+    from .phototype import SOURCE_PHOTO_TYPE
+    from .train import load_training_records
+
+    records, _ = load_training_records(load_config(run / "config.yaml"))
+    unknown = sorted({r.source for r in records} - set(SOURCE_PHOTO_TYPE))
+    if unknown:
+        raise SkinscanError(
+            f"--photo-types: cannot tell which kind of photo {', '.join(unknown)} holds "
+            f"(known: {', '.join(f'{k} = {v}' for k, v in SOURCE_PHOTO_TYPE.items())})"
+        )
+    kinds = {SOURCE_PHOTO_TYPE[r.source] for r in records}
+    if len(kinds) < 2:
+        raise SkinscanError(
+            f"--photo-types needs training photos of both types (dermoscopic and phone); {run} has "
+            f"{kinds.pop()} photos only: export it without --photo-types"
+        )
+    val_keys = set(json.loads((run / "data.json").read_text()).get("val_keys", []))
+    val = [r for r in records if f"{r.source}/{r.key}" in val_keys]
+    train = [r for r in records if f"{r.source}/{r.key}" not in val_keys]
+    if not val:
+        raise SkinscanError(f"--photo-types: {run}/data.json lists no validation images (a K-fold run?)")
+    return train, val
+
+
+def _add_photo_types(path: Path, train: list, val: list) -> None:
+    from .export import add_photo_types
+    from .phototype import SOURCE_PHOTO_TYPE
+
+    section = add_photo_types(
+        path,
+        [r.path for r in train],
+        [SOURCE_PHOTO_TYPE[r.source] for r in train],
+        [f"{r.source}/{r.group}" for r in train],
+        [r.path for r in val],
+        [r.label for r in val],
+        [SOURCE_PHOTO_TYPE[r.source] for r in val],
+        progress=True,
+    )
+    fit = section["fit"]
+    temps = ", ".join(f"{t} {v['temperature']:.2f}" for t, v in section["types"].items())
+    print(
+        f"photo types stored in the model card: probe accuracy {fit['probe_accuracy_cross_validated']:.1%} "
+        f"(cross-validated on the training photos), {fit['probe_accuracy_validation']:.1%} on validation; "
+        f"temperatures {temps} (global {fit['global_temperature']:.2f})"
+    )
 
 
 def _add_gate(path: Path, run: Path, nonlesion: Path) -> None:
@@ -591,7 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the ONNX model and its model card",
         description="Export a training run to ONNX (card inside), checked against torch.",
     )
-    p.add_argument("run", help="training run folder")
+    p.add_argument(
+        "run",
+        nargs="+",
+        help="training run folder; several runs (same settings but the seed, trained with one split_seed) make "
+        "one ensemble model whose logit is their mean",
+    )
     p.add_argument("--out", required=True, help="folder for <name>.onnx and <name>.card.json")
     p.add_argument("--name", default="skinscan-lite0-isic", help="model name (default skinscan-lite0-isic)")
     p.add_argument("--version", dest="version", help="model version (default: today's date)")
@@ -600,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8",
         action="store_true",
         help="also write <name>-int8.onnx, statically quantised on the run's validation images",
+    )
+    p.add_argument(
+        "--photo-types",
+        action="store_true",
+        help="calibrate dermoscopic images and phone photos each with its own temperature: a probe on the "
+        "embedding tells them apart (fitted on the run's training photos), the temperatures are fitted on its "
+        "validation photos; the decision boundary stays one (see skinscan.phototype)",
     )
     p.add_argument(
         "--gate",

@@ -84,19 +84,20 @@ def evaluate(
     n_errors = int(np.isnan(probs).sum())
     if n_errors == len(records):
         raise SkinscanError(f"no image of {data} could be read")
-    by_key = {r.key: (p, r) for r, p in zip(records, probs, strict=True)}
+    by_key = {r.key: (p, r, pred.threshold) for r, p, pred in zip(records, probs, preds, strict=True)}
 
     results: dict[str, BinaryMetrics] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, recs in subsets.items():
-        pairs = [(by_key[r.key][0], r) for r in recs if not math.isnan(by_key[r.key][0])]
-        y = np.array([r.label for _, r in pairs])
-        p = np.array([pp for pp, _ in pairs])
-        groups = [r.patient or r.group for _, r in pairs]
+        scored = [by_key[r.key] for r in recs if not math.isnan(by_key[r.key][0])]
+        y = np.array([r.label for _, r, _ in scored])
+        p = np.array([pp for pp, _, _ in scored])
+        thresholds = np.array([t for _, _, t in scored])  # each photo's (its type's, where the model has types)
+        groups = [r.patient or r.group for _, r, _ in scored]
         if len(np.unique(y)) < 2:
             raise DatasetError(f"subset {name!r} holds one class only: AUC is undefined")
-        results[name] = binary_metrics(y, p, predictor.threshold, groups, n_boot=n_boot)
-        curves[name] = (y, p)
+        results[name] = binary_metrics(y, p, thresholds, groups, n_boot=n_boot)
+        curves[name] = (y, p, thresholds)
 
     _write_predictions(out / "predictions.csv", records, preds)
     payload = {
@@ -105,6 +106,16 @@ def evaluate(
             "path": str(predictor.model_path),
             "threshold": predictor.threshold,
             "temperature": predictor.card.temperature,
+            **(
+                {
+                    "photo_types": {
+                        t: {"temperature": predictor.temperature_for(t), "threshold": predictor.threshold_for(t)}
+                        for t in predictor.photo_types.temperatures
+                    }
+                }
+                if predictor.photo_types
+                else {}
+            ),
         },
         "data": {
             "dataset": str(data),
@@ -114,11 +125,11 @@ def evaluate(
             "n_quality_retake": sum(p.quality == "retake" for p in preds),
         },
         "subsets": {k: v.to_dict() for k, v in results.items()},
-        "reliability": {k: reliability_bins(*curves[k]) for k in curves},
+        "reliability": {k: reliability_bins(*curves[k][:2]) for k in curves},
     }
     (out / "metrics.json").write_text(json.dumps(payload, indent=2))
     history = _read_history(Path(run)) if run else None
-    figures = _plots(out, curves, predictor.threshold, history)
+    figures = _plots(out, curves, history)
     _write_report(out, payload, results, figures)
     return EvalReport(out, payload["model"], results, n_errors)
 
@@ -140,7 +151,8 @@ def _read_history(run: Path) -> list[dict] | None:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def _plots(out: Path, curves: dict, threshold: float, history: list[dict] | None) -> list[tuple[str, str]]:
+def _plots(out: Path, curves: dict, history: list[dict] | None) -> list[tuple[str, str]]:
+    """`curves`: subset -> (labels, probabilities, each image's threshold)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +161,7 @@ def _plots(out: Path, curves: dict, threshold: float, history: list[dict] | None
 
     figs = []
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (y, p) in curves.items():
+    for name, (y, p, threshold) in curves.items():
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label=name)
         pred = p >= threshold
@@ -160,7 +172,7 @@ def _plots(out: Path, curves: dict, threshold: float, history: list[dict] | None
     figs.append(("ROC", _save(fig, out / "roc.png")))
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (y, p) in curves.items():
+    for name, (y, p, _) in curves.items():
         prec, rec, _ = precision_recall_curve(y, p)
         ax.plot(rec, prec, label=name)
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall")
@@ -168,8 +180,10 @@ def _plots(out: Path, curves: dict, threshold: float, history: list[dict] | None
     figs.append(("Precision-recall", _save(fig, out / "pr.png")))
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.8), squeeze=False)
-    for ax, (name, (y, p)) in zip(axes[0], curves.items(), strict=True):
+    for ax, (name, (y, p, threshold)) in zip(axes[0], curves.items(), strict=True):
         pred = (p >= threshold).astype(int)
+        distinct = np.unique(threshold)
+        shown = f"threshold {distinct[0]:.3f}" if len(distinct) == 1 else "thresholds per photo type"
         cm = np.array([[((y == t) & (pred == q)).sum() for q in (0, 1)] for t in (0, 1)])
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
@@ -181,12 +195,12 @@ def _plots(out: Path, curves: dict, threshold: float, history: list[dict] | None
             yticklabels=["benign", "malignant"],
             xlabel="decision",
             ylabel="truth",
-            title=f"{name} (threshold {threshold:.3f})",
+            title=f"{name} ({shown})",
         )
     figs.append(("Confusion matrix at the operating threshold", _save(fig, out / "confusion.png")))
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (y, p) in curves.items():
+    for name, (y, p, _) in curves.items():
         bins = reliability_bins(y, p)
         ax.plot([b["mean_p"] for b in bins], [b["frac_pos"] for b in bins], "o-", label=name)
     ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -226,7 +240,18 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
         f"# skinscan evaluation: {Path(payload['data']['dataset']).name}",
         "",
         f"Model `{m['name']}` version {m['version']} (sha256 {m['sha256'][:12]}), "
-        f"operating threshold {m['threshold']:.4f}, temperature {m['temperature']:.3f}.",
+        f"operating threshold {m['threshold']:.4f}, temperature {m['temperature']:.3f}"
+        + (
+            "; calibrated per detected photo type: "
+            + ", ".join(
+                f"{t} temperature {v['temperature']:.3f}, threshold {v['threshold']:.4f}"
+                for t, v in m["photo_types"].items()
+            )
+            + " (one decision boundary)"
+            if m.get("photo_types")
+            else ""
+        )
+        + ".",
         f"Images: {payload['data']['n_images']} ({payload['data']['n_unreadable']} unreadable; "
         f"{payload['data']['n_quality_retake']} flagged for a retake by the quality gate, scored anyway).",
         "",

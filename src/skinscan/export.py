@@ -40,15 +40,21 @@ DATA_LICENCES = {
 
 class _ExportWrapper(torch.nn.Module):
     """Three outputs: the raw logit, the class activation map (heatmaps without torch) and the pooled
-    feature vector (the quality gate's out-of-distribution check)."""
+    feature vector (the quality gate's out-of-distribution check).
 
-    def __init__(self, net: LesionNet) -> None:
+    Several networks (an ensemble of runs that share preprocessing and validation split) give the mean of
+    their logits and of their maps (the map's spatial mean stays the logit); the embedding is the first
+    member's, so the quality gate and the photo-type probe read one network's feature space."""
+
+    def __init__(self, nets: LesionNet | Sequence[LesionNet]) -> None:
         super().__init__()
-        self.net = net
+        self.nets = torch.nn.ModuleList([nets] if isinstance(nets, LesionNet) else list(nets))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats = self.net.features(image)
-        return self.net.head(feats), self.net.cam(feats), feats.mean(dim=(2, 3))
+        feats = [net.features(image) for net in self.nets]
+        logit = torch.stack([net.head(f) for net, f in zip(self.nets, feats, strict=True)]).mean(dim=0)
+        cam = torch.stack([net.cam(f) for net, f in zip(self.nets, feats, strict=True)]).mean(dim=0)
+        return logit, cam, feats[0].mean(dim=(2, 3))
 
 
 def load_run_model(run: Path) -> tuple[LesionNet, TrainConfig]:
@@ -78,6 +84,41 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def ensemble_calibration(runs: Sequence[Path]) -> dict:
+    """Temperature and threshold of several runs' mean logit, fitted on their shared validation split the
+    way training fits one run's (`train.operating_point`); needs the datasets (for patient groups)."""
+    from .train import load_training_records, operating_point
+
+    infos = [json.loads((r / "data.json").read_text()) for r in runs]
+    configs = [load_config(r / "config.yaml") for r in runs]
+    ignore = {"seed", "split_seed", "workers", "threads", "device"}  # the split: val_keys below
+    if any(c.model_dump(exclude=ignore) != configs[0].model_dump(exclude=ignore) for c in configs[1:]):
+        raise SkinscanError("an ensemble's runs must share every setting but the seed (see their config.yaml)")
+    if any(i.get("val_keys") != infos[0].get("val_keys") or not i.get("val_keys") for i in infos):
+        raise SkinscanError("an ensemble's runs must share one validation split: train them with the same split_seed")
+    preds = [np.load(r / "val_predictions.npz") for r in runs]
+    keys = [str(k) for k in preds[0]["keys"]]
+    if any([str(k) for k in p["keys"]] != keys for p in preds[1:]):
+        raise SkinscanError("the runs' validation predictions are not of the same images")
+    logits = np.mean([p["logits"] for p in preds], axis=0)
+    labels = preds[0]["labels"].astype(int)
+    records, _ = load_training_records(configs[0])
+    by_key = {f"{r.source}/{r.key}": r for r in records}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise SkinscanError(f"{len(missing)} validation images are not in the datasets (e.g. {missing[0]})")
+    val = [by_key[k] for k in keys]
+    calibration = operating_point(
+        logits,
+        labels,
+        [r.source for r in val],
+        [f"{r.source}/{r.patient or r.group}" for r in val],
+        configs[0].target_sensitivity,
+    )
+    calibration["best_epoch"] = [json.loads((r / "calibration.json").read_text())["best_epoch"] for r in runs]
+    return calibration
+
+
 def validation_image_paths(run: Path, limit: int = 32) -> list[Path]:
     """Paths of (up to `limit`) validation images of a run, for the export parity check."""
     info = json.loads((Path(run) / "data.json").read_text())
@@ -98,14 +139,15 @@ def validation_image_paths(run: Path, limit: int = 32) -> list[Path]:
     return paths
 
 
-def parity_check(onnx_path: Path, net: LesionNet, batch: np.ndarray) -> float:
-    """Largest |logit difference| between ONNX Runtime and torch on `batch`; raises above tolerance."""
+def parity_check(onnx_path: Path, net: LesionNet | Sequence[LesionNet], batch: np.ndarray) -> float:
+    """Largest |logit difference| between ONNX Runtime and torch (the mean logit of several networks) on
+    `batch`; raises above tolerance."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(["logit"], {"image": batch})[0]
     with torch.inference_mode():
-        torch_logits = net(torch.from_numpy(batch)).numpy()
+        torch_logits = _ExportWrapper(net).eval()(torch.from_numpy(batch))[0].numpy()
     diff = float(np.abs(onnx_logits - torch_logits).max())
     if diff > PARITY_TOLERANCE:
         raise SkinscanError(f"ONNX and torch disagree by {diff:.2e} (> {PARITY_TOLERANCE}): export is broken")
@@ -113,18 +155,27 @@ def parity_check(onnx_path: Path, net: LesionNet, batch: np.ndarray) -> float:
 
 
 def export(
-    run: str | Path,
+    run: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     name: str = "skinscan-lite0-isic",
     version_tag: str | None = None,
     check_images: list[Path] | None = None,
 ) -> Path:
-    """Write `<out_dir>/<name>.onnx` (card inside) and `<name>.card.json`; returns the ONNX path."""
-    run, out_dir = Path(run), Path(out_dir)
-    net, cfg = load_run_model(run)
+    """Write `<out_dir>/<name>.onnx` (card inside) and `<name>.card.json`; returns the ONNX path.
+
+    Several runs make one ensemble model (mean logit; see `_ExportWrapper`): they must share preprocessing
+    and validation split (train them with the same `split_seed`); its temperature and threshold are fitted
+    again on the mean of their validation logits, as training does for one run (`ensemble_calibration`)."""
+    runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
+    out_dir = Path(out_dir)
+    loaded = [load_run_model(r) for r in runs]
+    nets = [net for net, _ in loaded]
+    cfg = loaded[0][1]
     spec = cfg.preprocess_spec()
-    calibration = json.loads((run / "calibration.json").read_text())
+    run = runs[0]
     data_info = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
+    one = len(runs) == 1
+    calibration = json.loads((run / "calibration.json").read_text()) if one else ensemble_calibration(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / f"{name}.onnx"
 
@@ -132,7 +183,7 @@ def export(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _ExportWrapper(net).eval(),
+            _ExportWrapper(nets).eval(),
             (dummy,),
             str(onnx_path),
             input_names=["image"],
@@ -148,18 +199,26 @@ def export(
         batch = normalise(np.stack([load_pixels(p, spec) for p in check_images]), spec)
     else:
         batch = np.random.default_rng(0).standard_normal((4, 3, spec.size, spec.size)).astype(np.float32)
-    diff = parity_check(onnx_path, net, batch)
+    diff = parity_check(onnx_path, nets, batch)
 
-    history = []
-    if (run / "history.csv").is_file():
-        with (run / "history.csv").open() as fh:
-            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    histories = []
+    for r in runs:
+        history = []
+        if (r / "history.csv").is_file():
+            with (r / "history.csv").open() as fh:
+                history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        histories.append(history)
     sources = sorted(data_info.get("per_source", {})) or [Path(d).name for d in cfg.data or []]
     card = {
         "format": CARD_FORMAT,
         "name": name,
         "version": version_tag or f"{date.today().isoformat()}",
-        "architecture": f"{cfg.arch} (ImageNet-pretrained) -> global average pool -> linear, 1 logit",
+        "architecture": f"{cfg.arch} (ImageNet-pretrained) -> global average pool -> linear, 1 logit"
+        + (
+            f"; mean logit of {len(nets)} such networks (seeds {', '.join(str(c.seed) for _, c in loaded)})"
+            if len(nets) > 1
+            else ""
+        ),
         "input_name": "image",
         "outputs": ["logit", "cam", "embedding"],
         "preprocessing": spec.to_dict(),
@@ -178,8 +237,18 @@ def export(
         "training": {
             "config": cfg.model_dump(),
             "best_epoch": calibration["best_epoch"],
-            "history": history,
+            "history": histories[0],
             "data": {k: v for k, v in data_info.items() if k != "val_keys"},
+            **(
+                {
+                    "members": [
+                        {"run": r.as_posix(), "seed": c.seed, "history": h}
+                        for r, (_, c), h in zip(runs, loaded, histories, strict=True)
+                    ]
+                }
+                if len(runs) > 1
+                else {}
+            ),
         },
         "parity_max_abs_logit_diff": diff,
         "licences": {
@@ -280,6 +349,15 @@ def _embed(
 ) -> tuple[np.ndarray, list[int]]:
     """The model's `embedding` output for `paths` (through the Predictor's preprocessing), and the indices
     of the images that could be read."""
+    outputs, kept = _infer(predictor, paths, what, batch_size, progress)
+    return outputs["embedding"], kept
+
+
+def _infer(
+    predictor: Predictor, paths: Sequence[str | Path], what: str, batch_size: int, progress: bool
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The model's `logit` and `embedding` outputs for `paths` (through the Predictor's preprocessing), and
+    the indices of the images that could be read."""
     from tqdm.auto import tqdm
 
     from .errors import InvalidImage
@@ -295,11 +373,55 @@ def _embed(
                 except InvalidImage:
                     pass  # counted by the caller: the card says how many were used
             if pixels:
-                chunks.append(predictor.run(normalise(np.stack(pixels), predictor.spec))["embedding"])
+                out = predictor.run(normalise(np.stack(pixels), predictor.spec))
+                chunks.append({k: out[k] for k in ("logit", "embedding")})
             bar.update(min(batch_size, len(paths) - start))
     if not chunks:
         raise SkinscanError(f"none of the {len(paths)} {what} images could be read")
-    return np.concatenate(chunks), kept
+    return {k: np.concatenate([c[k] for c in chunks]) for k in ("logit", "embedding")}, kept
+
+
+def add_photo_types(
+    onnx_path: str | Path,
+    train_image_paths: Sequence[str | Path],
+    train_types: Sequence[str],
+    train_groups: Sequence[str],
+    val_image_paths: Sequence[str | Path],
+    val_labels: Sequence[int],
+    val_types: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Fit the calibration per detected photo type (`skinscan.phototype`) and store it in the model card
+    (`photo_types`): the type probe on the training photos' embeddings, a temperature per detected type on
+    the validation photos' logits, both from the exported model itself. Returns the card section."""
+    from .card import ModelCard
+    from .phototype import CARD_SECTION, fit_photo_types
+    from .predict import Predictor
+
+    onnx_path = Path(onnx_path)
+    predictor = Predictor(onnx_path)
+    if "embedding" not in [o.name for o in predictor.session.get_outputs()]:
+        raise SkinscanError(f"{onnx_path} has no `embedding` output: re-export it with this skinscan")
+    train, kept = _infer(predictor, list(train_image_paths), "training", batch_size, progress)
+    val, val_kept = _infer(predictor, list(val_image_paths), "validation", batch_size, progress)
+    section = fit_photo_types(
+        train["embedding"],
+        [train_types[i] for i in kept],
+        [train_groups[i] for i in kept],
+        val["embedding"],
+        val["logit"],
+        np.array([val_labels[i] for i in val_kept]),
+        [val_types[i] for i in val_kept],
+        temperature=predictor.card.temperature,
+        threshold=predictor.card.threshold,
+    )
+    card = predictor.card.model_dump()
+    card[CARD_SECTION] = section
+    del predictor  # release the file before rewriting it
+    write_card(onnx_path, ModelCard(**card).model_dump())
+    return section
 
 
 def quantize_int8(onnx_path: str | Path, calibration_images: Sequence[str | Path], out_path: str | Path) -> Path:

@@ -76,14 +76,19 @@ def combine_photos(
         )
         return LesionPrediction(combined, photos, 0)
     logit = float(np.mean([p.logit for p in usable]))
-    probability = float(predictor.calibrate(np.array([logit]))[0])
+    kinds = [p.photo_type for p in usable]
+    photo_type = max(kinds, key=kinds.count)  # the photos' most common detected type (first on a tie)
+    probability = float(predictor.calibrate(np.array([logit]), [photo_type])[0])
+    threshold = predictor.threshold_for(photo_type)
     quality = "ok" if any(p.quality == "ok" for p in usable) else "retake"
     combined = dataclasses.replace(
         usable[0],
         path=name,
         logit=logit,
         probability=probability,
-        decision="refer" if probability >= predictor.threshold else "monitor",
+        decision="refer" if probability >= threshold else "monitor",
+        threshold=threshold,
+        photo_type=photo_type,
         cam=None,
         quality=quality,
         reasons=reasons,

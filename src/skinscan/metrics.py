@@ -100,7 +100,7 @@ class BinaryMetrics:
     ece: float
     ece_if_calibrated: tuple[float, float, float]  # median and 90% range for a perfect model (see ece_if_calibrated)
     brier: float
-    threshold: float
+    threshold: float | list[float]  # one, or the distinct per-image thresholds (calibration per photo type)
     tp: int
     fp: int
     tn: int
@@ -143,15 +143,18 @@ def bootstrap_auc_ci(
 def binary_metrics(
     y: Sequence[int],
     p: Sequence[float],
-    threshold: float,
+    threshold: float | Sequence[float],
     groups: Sequence[str] | None = None,
     n_boot: int = 1000,
 ) -> BinaryMetrics:
-    """Discrimination, calibration and the confusion matrix at `threshold` (predict malignant if p >= t)."""
+    """Discrimination, calibration and the confusion matrix at `threshold` (predict malignant if p >= t);
+    `threshold` may be one per image (a model that calibrates each photo type on its own)."""
     from sklearn.metrics import average_precision_score, brier_score_loss
 
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
-    pred = p >= threshold
+    t = np.asarray(threshold, dtype=float)
+    pred = p >= t
+    distinct = sorted({float(v) for v in np.atleast_1d(t)})
     tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())
     tn, fn = int((~pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
 
@@ -173,7 +176,7 @@ def binary_metrics(
         ece=expected_calibration_error(y, p),
         ece_if_calibrated=ece_if_calibrated(p, n_sim=n_boot),
         brier=float(brier_score_loss(y, p)),
-        threshold=float(threshold),
+        threshold=distinct[0] if len(distinct) == 1 else distinct,
         tp=tp,
         fp=fp,
         tn=tn,

@@ -65,6 +65,7 @@ def _schema() -> pa.Schema:
             ("probability", pa.float64()),
             ("decision", pa.string()),
             ("threshold", pa.float64()),
+            ("photo_type", pa.string()),
             ("quality", pa.string()),
             ("reasons", pa.list_(pa.string())),
             ("error", pa.string()),
@@ -251,6 +252,7 @@ def _rows(predictions: Sequence[Prediction], info: dict[str, str]) -> dict[str, 
         cols["probability"].append(p.probability)
         cols["decision"].append(p.decision)
         cols["threshold"].append(p.threshold)
+        cols["photo_type"].append(p.photo_type)
         cols["quality"].append(p.quality)
         cols["reasons"].append(list(p.reasons))
         cols["error"].append(p.error)

@@ -1,0 +1,173 @@
+"""Calibration per detected photo type: dermoscopic images and phone photos want different temperatures.
+
+A network trained on both kinds is overconfident on phone photos: on the shipped model's validation split
+the temperature that fits phone photos best is about 3, against about 1.2 for dermoscopic images, and one
+temperature fitted on both (85% dermoscopic) leaves phone probabilities too extreme. So the model card may
+carry a `photo_types` section:
+
+- a linear probe on the model's own `embedding` output that tells a dermoscopic image from a phone photo
+  (logistic regression on the training photos, labelled by their source; > 0 means "phone");
+- one temperature per type, fitted on the validation photos of that (detected) type;
+- the operating threshold in logit units, which stays ONE decision boundary: the training run chose it so
+  that validation sensitivity holds on every source, so decisions do not change with the type; only the
+  probability (and so the threshold in probability units) does: threshold = sigmoid(threshold_logit / T).
+
+A card without the section calibrates every photo with the card's `temperature` and `threshold`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import SkinscanError
+from .metrics import expected_calibration_error, fit_temperature, sigmoid
+
+CARD_SECTION = "photo_types"
+SECTION_FORMAT = 1
+PHOTO_TYPES = ("dermoscopic", "phone")
+# what kind of photo each training source holds (others: pass `types` explicitly)
+SOURCE_PHOTO_TYPE = {"isic-mvb": "dermoscopic", "pad-ufes-20-phone": "phone"}
+MIN_TYPE_IMAGES = 20  # fewer validation photos of a type (or one class only): it keeps the global temperature
+
+
+def _features(embeddings: np.ndarray) -> np.ndarray:
+    from .quality import TRANSFORMS
+
+    return TRANSFORMS["sqrt"](embeddings).astype(np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class PhotoTypes:
+    """The card's `photo_types` section, ready to use."""
+
+    weights: np.ndarray  # (D,) probe on sqrt(embedding); > 0: phone
+    bias: float
+    temperatures: Mapping[str, float]
+    threshold_logit: float
+
+    @classmethod
+    def from_card(cls, card: Any) -> PhotoTypes | None:
+        from .errors import ModelLoadError
+        from .quality import _decode_array
+
+        d = getattr(card, CARD_SECTION, None) if not isinstance(card, Mapping) else card.get(CARD_SECTION)
+        if d is None:
+            return None
+        try:
+            if int(d["format"]) > SECTION_FORMAT:
+                raise ValueError(f"format {d['format']} is newer than this skinscan; upgrade it")
+            temps = {t: float(d["types"][t]["temperature"]) for t in PHOTO_TYPES}
+            if min(temps.values()) <= 0:
+                raise ValueError("temperatures must be positive")
+            return cls(
+                _decode_array(d["probe"]["weights"], "photo_types.probe.weights"),
+                float(d["probe"]["bias"]),
+                temps,
+                float(d["threshold_logit"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"the model card's {CARD_SECTION} section is invalid: {exc}") from None
+
+    def detect(self, embeddings: np.ndarray) -> list[str]:
+        """'dermoscopic' or 'phone' for each row of `embeddings` (N, D)."""
+        score = _features(embeddings) @ self.weights.astype(np.float64) + self.bias
+        return [PHOTO_TYPES[int(s > 0)] for s in score]
+
+    def threshold(self, photo_type: str) -> float:
+        return float(sigmoid(self.threshold_logit / self.temperatures[photo_type]))
+
+
+def fit_photo_types(
+    train_embeddings: np.ndarray,
+    train_types: Sequence[str],
+    train_groups: Sequence[str],
+    val_embeddings: np.ndarray,
+    val_logits: np.ndarray,
+    val_labels: np.ndarray,
+    val_types: Sequence[str],
+    *,
+    temperature: float,
+    threshold: float,
+    c: float = 0.1,
+    folds: int = 5,
+) -> dict:
+    """The card section: the probe (fitted on the training photos; its accuracy cross-validated by
+    `train_groups` on them and measured on the validation photos), then one temperature per DETECTED type
+    on the validation photos. `temperature` and `threshold` are the card's global ones: the threshold's
+    logit (threshold_logit = temperature * logit(threshold)) is kept for every type."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import GroupKFold
+
+    from .quality import _decode_array, _encode_array
+
+    x = _features(train_embeddings)
+    y = np.array([PHOTO_TYPES.index(t) for t in train_types])
+    if len(np.unique(y)) < 2:
+        raise SkinscanError(
+            "calibration per photo type needs training photos of both types (dermoscopic and phone); "
+            f"this run has {PHOTO_TYPES[int(y[0])]} photos only: export it without --photo-types"
+        )
+    w = np.where(y == 1, 0.5 / (y == 1).sum(), 0.5 / (y == 0).sum()) * len(y)  # both types weigh the same
+    held_out = np.zeros(len(y))
+    for inside, outside in GroupKFold(n_splits=folds).split(x, y, np.asarray(train_groups)):
+        m = LogisticRegression(C=c, max_iter=5000).fit(x[inside], y[inside], sample_weight=w[inside])
+        held_out[outside] = m.decision_function(x[outside])
+    model = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=w)
+    weights = _decode_array(_encode_array(model.coef_[0]), "fit")  # fitted = what the card stores
+    probe = PhotoTypes(weights, float(model.intercept_[0]), dict.fromkeys(PHOTO_TYPES, temperature), 0.0)
+
+    z_thr = float(temperature * np.log(threshold / (1 - threshold)))
+    val_logits, val_labels = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
+    detected = np.array(probe.detect(val_embeddings))
+    truth = np.asarray(val_types)
+    types: dict[str, dict] = {}
+    temps: dict[str, float] = {}
+    for t in PHOTO_TYPES:
+        m = detected == t
+        own = int(m.sum()) >= MIN_TYPE_IMAGES and len(np.unique(val_labels[m])) == 2
+        temps[t] = fit_temperature(val_logits[m], val_labels[m]) if own else temperature
+        entry: dict[str, Any] = {
+            "temperature": temps[t],
+            "threshold": float(sigmoid(z_thr / temps[t])),
+            "fitted_on": f"{int(m.sum())} validation photos detected as {t}"
+            if own
+            else f"too few validation photos detected as {t} ({int(m.sum())}): the global temperature",
+        }
+        if m.any():
+            before, after = sigmoid(val_logits[m] / temperature), sigmoid(val_logits[m] / temps[t])
+            entry["validation"] = {
+                "n": int(m.sum()),
+                "n_malignant": int(val_labels[m].sum()),
+                "log_loss_global_temperature": float(log_loss(val_labels[m], before, labels=[0, 1])),
+                "log_loss_own_temperature": float(log_loss(val_labels[m], after, labels=[0, 1])),
+                "ece_global_temperature": expected_calibration_error(val_labels[m], before),
+                "ece_own_temperature": expected_calibration_error(val_labels[m], after),
+            }
+        types[t] = entry
+    train_truth = y.astype(bool)
+    return {
+        "format": SECTION_FORMAT,
+        "method": (
+            f"logistic probe (L2, C={c:g}, both types weighted alike) on sqrt(embedding) tells dermoscopic images "
+            "from phone photos; a temperature per detected type fitted on the validation photos (negative "
+            "log-likelihood); one decision boundary in logit units for every type"
+        ),
+        "probe": {"transform": "sqrt", "weights": _encode_array(weights), "bias": float(model.intercept_[0])},
+        "threshold_logit": z_thr,
+        "types": types,
+        "fit": {
+            "train_photos": {t: int((y == i).sum()) for i, t in enumerate(PHOTO_TYPES)},
+            "probe_accuracy_cross_validated": float(((held_out > 0) == train_truth).mean()),
+            "probe_accuracy_validation": float((detected == truth).mean()),
+            "probe_validation_confusion": {
+                f"{a} as {b}": int(((truth == a) & (detected == b)).sum()) for a in PHOTO_TYPES for b in PHOTO_TYPES
+            },
+            "global_temperature": float(temperature),
+            "global_threshold": float(threshold),
+        },
+    }

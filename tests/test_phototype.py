@@ -1,0 +1,136 @@
+"""Calibration per detected photo type (skinscan.phototype): the probe, the fit, and how predictions use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skinscan.errors import ModelLoadError
+from skinscan.metrics import sigmoid
+from skinscan.phototype import CARD_SECTION, PhotoTypes, fit_photo_types
+from skinscan.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def _synthetic(rng: np.random.Generator, n: int, temperatures: dict[str, float]):
+    """Embeddings whose first feature tells the type; logits = T_type * true log-odds, labels drawn from them."""
+    types = np.array(["dermoscopic"] * (n // 2) + ["phone"] * (n - n // 2))
+    emb = rng.random((n, 16)).astype(np.float32)
+    emb[:, 0] = np.where(types == "phone", 4.0, 0.25) + 0.1 * rng.random(n)
+    log_odds = rng.normal(0, 2.0, n)
+    labels = (rng.random(n) < sigmoid(log_odds)).astype(int)
+    logits = log_odds * np.array([temperatures[t] for t in types])
+    return emb, types, logits, labels
+
+
+def test_fit_recovers_a_temperature_per_type_and_keeps_one_decision_boundary():
+    rng = np.random.default_rng(0)
+    truth = {"dermoscopic": 1.2, "phone": 3.0}
+    emb, types, _, _ = _synthetic(rng, 400, truth)
+    v_emb, v_types, v_logits, v_labels = _synthetic(rng, 4000, truth)
+    section = fit_photo_types(
+        emb, types, [f"g{i // 2}" for i in range(len(types))], v_emb, v_logits, v_labels, v_types,
+        temperature=1.6, threshold=0.1,
+    )  # fmt: skip
+    assert section["fit"]["probe_accuracy_cross_validated"] > 0.99
+    assert section["fit"]["probe_accuracy_validation"] > 0.99
+    for t, want in truth.items():
+        got = section["types"][t]
+        assert got["temperature"] == pytest.approx(want, rel=0.15)
+        assert got["validation"]["log_loss_own_temperature"] < got["validation"]["log_loss_global_temperature"]
+    # one boundary in logit units: each type's threshold is the same logit, seen through its temperature
+    z = section["threshold_logit"]
+    assert z == pytest.approx(1.6 * np.log(0.1 / 0.9))
+    for t in truth:
+        assert section["types"][t]["threshold"] == pytest.approx(sigmoid(z / section["types"][t]["temperature"]))
+    types_back = PhotoTypes.from_card({CARD_SECTION: section})
+    assert types_back.detect(v_emb[:50]) == list(v_types[:50])
+
+
+def test_a_type_with_too_few_validation_photos_keeps_the_global_temperature():
+    rng = np.random.default_rng(1)
+    emb, types, _, _ = _synthetic(rng, 200, {"dermoscopic": 1.0, "phone": 3.0})
+    v_emb, v_types, v_logits, v_labels = _synthetic(rng, 400, {"dermoscopic": 1.0, "phone": 3.0})
+    keep = (v_types == "dermoscopic") | (np.arange(len(v_types)) % 40 == 0)  # ~5 phone photos
+    section = fit_photo_types(
+        emb, types, [str(i) for i in range(len(types))], v_emb[keep], v_logits[keep], v_labels[keep], v_types[keep],
+        temperature=1.7, threshold=0.2,
+    )  # fmt: skip
+    assert section["types"]["phone"]["temperature"] == 1.7
+    assert "too few" in section["types"]["phone"]["fitted_on"]
+
+
+def test_the_default_model_tells_dermoscopic_from_phone_photos_and_calibrates_each(predictor):
+    if predictor.photo_types is None:
+        pytest.fail("the bundled default model should carry a photo_types section (export --photo-types)")
+    cases = {
+        "isic-benign-1.jpg": "dermoscopic",
+        "isic-malignant-1.jpg": "dermoscopic",
+        "phone-benign-nevus.jpg": "phone",
+        "phone-malignant-bcc.jpg": "phone",
+    }
+    results = predictor.predict([EXAMPLES / name for name in cases], force=True)
+    z_thr = predictor.photo_types.threshold_logit
+    for r, want in zip(results, cases.values(), strict=True):
+        assert r.photo_type == want
+        t = predictor.photo_types.temperatures[want]
+        assert r.probability == pytest.approx(float(sigmoid(r.logit / t)), abs=1e-9)
+        assert r.threshold == pytest.approx(predictor.threshold_for(want))
+        # the decision is the same on either type's scale: one boundary in logit units
+        assert r.decision == ("refer" if r.logit >= z_thr else "monitor")
+    temps = predictor.photo_types.temperatures
+    assert temps["phone"] > temps["dermoscopic"]  # phone photos need the softer temperature
+
+
+def test_the_probe_on_real_photos(predictor, isic_mvb, pad_ufes):
+    """Photos the probe never saw: the archive's test split and the phone set's locked box."""
+    from skinscan.data import load_dataset, read_patient_list
+
+    box = set(read_patient_list(REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"))
+    phone = [r.path for r in load_dataset(pad_ufes) if r.patient in box][:60]
+    archive = [r.path for r in load_dataset(isic_mvb) if r.split == "test"][::10][:60]
+    got = predictor.predict(phone + archive, force=True, batch_size=32)
+    want = ["phone"] * len(phone) + ["dermoscopic"] * len(archive)
+    accuracy = np.mean([r.photo_type == w for r, w in zip(got, want, strict=True)])
+    assert accuracy >= 0.9, accuracy
+
+
+def test_answers_and_lesions_use_the_photo_types_temperature(predictor):
+    from skinscan.answers import Answers
+    from skinscan.lesion import predict_lesion
+
+    photo = EXAMPLES / "phone-benign-nevus.jpg"
+    plain = predictor(photo, force=True)
+    answered = predictor(photo, force=True, answers=Answers(bleed="yes"))
+    t = predictor.temperature_for(plain.photo_type)
+    shift = sum(a.log_odds for a in answered.adjustments)
+    assert answered.probability == pytest.approx(float(sigmoid(plain.logit / t + shift)), abs=1e-9)
+    assert answered.threshold == plain.threshold
+    lesion = predict_lesion(predictor, [photo, EXAMPLES / "phone-malignant-bcc.jpg"], force=True).combined
+    assert lesion.photo_type == "phone"
+    assert lesion.probability == pytest.approx(float(sigmoid(lesion.logit / t)), abs=1e-9)
+
+
+def test_a_card_without_the_section_calibrates_every_photo_alike(tmp_path, model_path):
+    from skinscan.card import write_card
+
+    copy = tmp_path / "plain.onnx"
+    copy.write_bytes(model_path.read_bytes())
+    card = json.loads(model_path.with_suffix(".card.json").read_text())
+    card.pop(CARD_SECTION, None)
+    write_card(copy, card)
+    plain = Predictor(copy)
+    r = plain(EXAMPLES / "phone-benign-nevus.jpg", force=True)
+    assert plain.photo_types is None and r.photo_type is None
+    assert r.probability == pytest.approx(float(sigmoid(r.logit / plain.card.temperature)), abs=1e-9)
+    assert r.threshold == plain.card.threshold
+
+    card[CARD_SECTION] = {"format": 1, "probe": {"weights": "nonsense", "bias": 0}, "types": {}}
+    write_card(copy, card)
+    with pytest.raises(ModelLoadError, match="photo_types"):
+        Predictor(copy)
