@@ -54,7 +54,17 @@ def test_bundled_models_ship_inside_the_package():
 def test_default_model_has_quality_gate_and_answers():
     card = Predictor().card
     assert card.name == "skinscan-lite0-phone"
-    assert card.quality_gate and card.answers
+    assert card.quality_gate and card.answers and card.photo_types
+
+
+def test_default_model_card_says_who_it_was_trained_on_and_its_limits():
+    card = Predictor().card
+    assert any("darker skin types" in limit for limit in card.limits)
+    phone = card.training["data"]["represented"]["pad-ufes-20-phone"]
+    assert sum(phone["skin_type_fitzpatrick"].values()) == card.training["data"]["per_source"]["pad-ufes-20-phone"]
+    assert {"1", "2", "3"} <= set(phone["skin_type_fitzpatrick"]) and "6" not in phone["skin_type_fitzpatrick"]
+    assert {"face", "back", "forearm"} <= set(phone["body_site"]) and "mel" in phone["diagnosis"]
+    assert len(card.training["members"]) == 2  # the default averages two networks
 
 
 @pytest.mark.data
@@ -66,7 +76,7 @@ def test_foundation_model_auc_on_deleaked_archive_test(deleaked):
 @pytest.mark.data
 def test_default_model_auc_on_deleaked_archive_test(deleaked):
     auc = _auc(Predictor(), deleaked)
-    assert auc >= 0.95, f"default model AUC {auc:.4f} on the 646 de-leaked test images fell below its measured 0.954"
+    assert auc >= 0.96, f"default model AUC {auc:.4f} on the 646 de-leaked test images is below the 0.96 bar"
 
 
 def test_bundled_int8_model_agrees_with_fp32():

@@ -25,6 +25,15 @@ INTENDED_USE = (
     "doctor: any lesion that changes, bleeds, itches or worries you should be seen by a doctor whatever "
     "the result. Not validated for use by itself in clinical decisions."
 )
+KNOWN_LIMITS = (
+    "Trained on two collections: ISIC dermoscopy (benign = nevi only) and PAD-UFES-20 phone photos from one "
+    "Brazilian programme (mostly skin types II-III; few melanomas). Expect lower accuracy on other cameras, other "
+    "dermoscopes, darker skin types and lesion types it has rarely seen.",
+    "The probability is calibrated on the validation data of those collections; the prevalence of cancer among "
+    "people using a screening app is far lower, so positive predictive value will be lower too.",
+    "It judges one lesion per photo and expects the lesion near the centre of the frame (the centre square is "
+    "what the model sees); a lesion small in a wide frame is judged worse.",
+)
 ADVICE = {
     "refer": "Higher risk: see a dermatologist soon. This is a screening estimate, not a diagnosis.",
     "monitor": (

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .card import CARD_FORMAT, INTENDED_USE, write_card
+from .card import CARD_FORMAT, INTENDED_USE, KNOWN_LIMITS, write_card
 from .config import TrainConfig, load_config
 from .errors import ModelLoadError, SkinscanError
 
@@ -82,6 +82,41 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
     return out
+
+
+def represented(cfg: TrainConfig) -> dict:
+    """Who and what the training images show, per source, where the dataset records it (the phone set):
+    skin types (Fitzpatrick), body sites and diagnoses, with counts. Empty without the datasets."""
+    from collections import Counter
+
+    from .errors import DatasetError
+    from .train import load_training_records
+
+    try:
+        records, _ = load_training_records(cfg)
+    except (DatasetError, OSError):
+        return {}
+    fields = {"skin_type_fitzpatrick": "fitspatrick", "body_site": "region", "diagnosis": "diagnostic"}
+    out: dict = {}
+    for source in sorted({r.source for r in records}):
+        metas = [r.meta for r in records if r.source == source and r.meta]
+        if metas:
+            out[source] = {
+                name: dict(Counter(_level(m.get(col)) for m in metas).most_common()) for name, col in fields.items()
+            }
+    return out
+
+
+def _level(value: object) -> str:
+    """A recorded value as a label: "2.0" -> "2"; blank -> "not recorded"."""
+    text = str(value or "").strip()
+    if not text:
+        return "not recorded"
+    with contextlib.suppress(ValueError):
+        number = float(text)
+        if number.is_integer():
+            return str(int(number))
+    return text.lower()
 
 
 def ensemble_calibration(runs: Sequence[Path]) -> dict:
@@ -229,6 +264,7 @@ def export(
             f"sensitivity >= {calibration['target_sensitivity']}"
         ),
         "intended_use": INTENDED_USE,
+        "limits": list(KNOWN_LIMITS),
         "metrics": {
             "validation": calibration["validation"],
             "validation_per_source": calibration.get("validation_per_source", {}),
@@ -238,7 +274,7 @@ def export(
             "config": cfg.model_dump(),
             "best_epoch": calibration["best_epoch"],
             "history": histories[0],
-            "data": {k: v for k, v in data_info.items() if k != "val_keys"},
+            "data": {**{k: v for k, v in data_info.items() if k != "val_keys"}, "represented": represented(cfg)},
             **(
                 {
                     "members": [
