@@ -310,6 +310,8 @@ def test_health_ready_and_metadata(client: TestClient, predictor: Predictor) -> 
     assert meta["name"] == "skinscan" and meta["versions"] == [predictor.card.version]
     assert meta["inputs"][0]["name"] == "image" and {o["name"] for o in meta["outputs"]} == {"probability", "decision"}
     assert meta["model"]["sha256"] == predictor.sha256
+    phone = meta["photo_types"]["phone"]
+    assert phone == {"temperature": predictor.temperature_for("phone"), "threshold": predictor.threshold_for("phone")}
     assert client.get("/v2").json()["name"] == "skinscan"
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()

@@ -52,7 +52,7 @@ class PhotoTypes:
     @classmethod
     def from_card(cls, card: Any) -> PhotoTypes | None:
         from .errors import ModelLoadError
-        from .quality import _decode_array
+        from .quality import decode_array
 
         d = getattr(card, CARD_SECTION, None) if not isinstance(card, Mapping) else card.get(CARD_SECTION)
         if d is None:
@@ -64,7 +64,7 @@ class PhotoTypes:
             if min(temps.values()) <= 0:
                 raise ValueError("temperatures must be positive")
             return cls(
-                _decode_array(d["probe"]["weights"], "photo_types.probe.weights"),
+                decode_array(d["probe"]["weights"], "photo_types.probe.weights"),
                 float(d["probe"]["bias"]),
                 temps,
                 float(d["threshold_logit"]),
@@ -103,7 +103,7 @@ def fit_photo_types(
     from sklearn.metrics import log_loss
     from sklearn.model_selection import GroupKFold
 
-    from .quality import _decode_array, _encode_array
+    from .quality import decode_array, encode_array
 
     x = _features(train_embeddings)
     y = np.array([PHOTO_TYPES.index(t) for t in train_types])
@@ -118,7 +118,7 @@ def fit_photo_types(
         m = LogisticRegression(C=c, max_iter=5000).fit(x[inside], y[inside], sample_weight=w[inside])
         held_out[outside] = m.decision_function(x[outside])
     model = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=w)
-    weights = _decode_array(_encode_array(model.coef_[0]), "fit")  # fitted = what the card stores
+    weights = decode_array(encode_array(model.coef_[0]), "fit")  # fitted = what the card stores
     probe = PhotoTypes(weights, float(model.intercept_[0]), dict.fromkeys(PHOTO_TYPES, temperature), 0.0)
 
     z_thr = float(temperature * np.log(threshold / (1 - threshold)))
@@ -157,7 +157,7 @@ def fit_photo_types(
             "from phone photos; a temperature per detected type fitted on the validation photos (negative "
             "log-likelihood); one decision boundary in logit units for every type"
         ),
-        "probe": {"transform": "sqrt", "weights": _encode_array(weights), "bias": float(model.intercept_[0])},
+        "probe": {"transform": "sqrt", "weights": encode_array(weights), "bias": float(model.intercept_[0])},
         "threshold_logit": z_thr,
         "types": types,
         "fit": {

@@ -173,13 +173,13 @@ def pixel_measures(pixels: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- out-of-distribution score
-def _encode_array(a: np.ndarray) -> dict[str, Any]:
+def encode_array(a: np.ndarray) -> dict[str, Any]:
     """float16, base64: a 32 x 1280 basis takes 110 kB of card instead of 900 kB of JSON numbers."""
     a16 = np.ascontiguousarray(a, dtype="<f2")
     return {"dtype": "float16", "shape": list(a16.shape), "base64": base64.b64encode(a16.tobytes()).decode()}
 
 
-def _decode_array(d: Mapping[str, Any], where: str) -> np.ndarray:
+def decode_array(d: Mapping[str, Any], where: str) -> np.ndarray:
     try:
         if d["dtype"] != "float16":
             raise ValueError(f"dtype {d['dtype']!r} (expected float16)")
@@ -223,7 +223,7 @@ class LinearProbe:
     def to_dict(self) -> dict[str, Any]:
         return {
             "transform": self.transform,
-            "weights": _encode_array(self.weights),
+            "weights": encode_array(self.weights),
             "bias": float(self.bias),
             "threshold": float(self.threshold),
             "scale": float(self.scale),
@@ -235,7 +235,7 @@ class LinearProbe:
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown probe transform {transform!r}; upgrade skinscan")
         return cls(
-            weights=_decode_array(d["weights"], "ood.probe.weights"),
+            weights=decode_array(d["weights"], "ood.probe.weights"),
             bias=float(d["bias"]),
             threshold=float(d["threshold"]),
             scale=max(float(d["scale"]), 1e-6),
@@ -297,9 +297,9 @@ class OodDetector:
             "mode": self.mode,
             "dim": int(self.mean.shape[0]),
             "components": int(self.basis.shape[0]),
-            "mean": _encode_array(self.mean),
-            "basis": _encode_array(self.basis),
-            "scales": _encode_array(self.scales),
+            "mean": encode_array(self.mean),
+            "basis": encode_array(self.basis),
+            "scales": encode_array(self.scales),
             "distance_ref": float(self.distance_ref),
             "residual_ref": float(self.residual_ref),
             "threshold": float(self.threshold),
@@ -308,9 +308,9 @@ class OodDetector:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OodDetector:
-        mean = _decode_array(d["mean"], "ood.mean")
-        basis = _decode_array(d["basis"], "ood.basis")
-        scales = _decode_array(d["scales"], "ood.scales")
+        mean = decode_array(d["mean"], "ood.mean")
+        basis = decode_array(d["basis"], "ood.basis")
+        scales = decode_array(d["scales"], "ood.scales")
         if basis.ndim != 2 or basis.shape[1] != mean.shape[0] or scales.shape != (basis.shape[0],):
             raise ValueError(f"ood arrays disagree: mean {mean.shape}, basis {basis.shape}, scales {scales.shape}")
         transform, mode = str(d.get("transform", "sqrt")), str(d.get("mode", "residual"))
@@ -453,7 +453,7 @@ def _pca(u: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 
 def _rounded(*arrays: np.ndarray) -> list[np.ndarray]:
     """Through float16 and back: the references and the threshold are fitted on the arrays the card stores."""
-    return [_decode_array(_encode_array(a), "fit") for a in arrays]
+    return [decode_array(encode_array(a), "fit") for a in arrays]
 
 
 def _folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
