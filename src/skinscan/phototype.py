@@ -126,20 +126,19 @@ def fit_photo_types(
     detected = np.array(probe.detect(val_embeddings))
     truth = np.asarray(val_types)
     types: dict[str, dict] = {}
-    temps: dict[str, float] = {}
     for t in PHOTO_TYPES:
         m = detected == t
         own = int(m.sum()) >= MIN_TYPE_IMAGES and len(np.unique(val_labels[m])) == 2
-        temps[t] = fit_temperature(val_logits[m], val_labels[m]) if own else temperature
+        temp = fit_temperature(val_logits[m], val_labels[m]) if own else temperature
         entry: dict[str, Any] = {
-            "temperature": temps[t],
-            "threshold": float(sigmoid(z_thr / temps[t])),
+            "temperature": temp,
+            "threshold": float(sigmoid(z_thr / temp)),
             "fitted_on": f"{int(m.sum())} validation photos detected as {t}"
             if own
             else f"too few validation photos detected as {t} ({int(m.sum())}): the global temperature",
         }
         if m.any():
-            before, after = sigmoid(val_logits[m] / temperature), sigmoid(val_logits[m] / temps[t])
+            before, after = sigmoid(val_logits[m] / temperature), sigmoid(val_logits[m] / temp)
             entry["validation"] = {
                 "n": int(m.sum()),
                 "n_malignant": int(val_labels[m].sum()),
