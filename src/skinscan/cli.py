@@ -293,7 +293,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _photo_type_split(run: Path) -> tuple[list, list]:
     """The run's training and validation records for `--photo-types`, checked before any export work."""
     from .config import load_config
-    from .phototype import SOURCE_PHOTO_TYPE
+    from .phototype import SOURCE_PHOTO_TYPE, require_both_types
     from .train import load_training_records
 
     records, _ = load_training_records(load_config(run / "config.yaml"))
@@ -303,12 +303,7 @@ def _photo_type_split(run: Path) -> tuple[list, list]:
             f"--photo-types: cannot tell which kind of photo {', '.join(unknown)} holds "
             f"(known: {', '.join(f'{k} = {v}' for k, v in SOURCE_PHOTO_TYPE.items())})"
         )
-    kinds = {SOURCE_PHOTO_TYPE[r.source] for r in records}
-    if len(kinds) < 2:
-        raise SkinscanError(
-            f"--photo-types needs training photos of both types (dermoscopic and phone); {run} has "
-            f"{kinds.pop()} photos only: export it without --photo-types"
-        )
+    require_both_types([SOURCE_PHOTO_TYPE[r.source] for r in records])
     val_keys = set(json.loads((run / "data.json").read_text()).get("val_keys", []))
     val = [r for r in records if f"{r.source}/{r.key}" in val_keys]
     train = [r for r in records if f"{r.source}/{r.key}" not in val_keys]

@@ -81,6 +81,16 @@ class PhotoTypes:
         return float(sigmoid(self.threshold_logit / self.temperatures[photo_type]))
 
 
+def require_both_types(types: Sequence[str]) -> None:
+    """Calibration per photo type needs training photos of both types: a clear error otherwise."""
+    present = set(types)
+    if not set(PHOTO_TYPES) <= present:
+        raise SkinscanError(
+            "calibration per photo type needs training photos of both types (dermoscopic and phone); "
+            f"this run has {' and '.join(sorted(present)) or 'no'} photos only: export it without --photo-types"
+        )
+
+
 def fit_photo_types(
     train_embeddings: np.ndarray,
     train_types: Sequence[str],
@@ -105,13 +115,9 @@ def fit_photo_types(
 
     from .quality import decode_array, encode_array
 
+    require_both_types(train_types)
     x = _features(train_embeddings)
     y = np.array([PHOTO_TYPES.index(t) for t in train_types])
-    if len(np.unique(y)) < 2:
-        raise SkinscanError(
-            "calibration per photo type needs training photos of both types (dermoscopic and phone); "
-            f"this run has {PHOTO_TYPES[int(y[0])]} photos only: export it without --photo-types"
-        )
     w = np.where(y == 1, 0.5 / (y == 1).sum(), 0.5 / (y == 0).sum()) * len(y)  # both types weigh the same
     held_out = np.zeros(len(y))
     for inside, outside in GroupKFold(n_splits=folds).split(x, y, np.asarray(train_groups)):
