@@ -92,9 +92,7 @@ def main() -> None:
         entry = {
             "model": pred.info(),
             "threshold": pred.threshold,
-            "photo_types": {t: pred.threshold_for(t) for t in pred.photo_types.temperatures}
-            if pred.photo_types
-            else None,
+            "photo_types": pred.photo_type_calibration(),
             "lockbox": summary(y_lock, p_lock, t_lock, g_lock),
             "lockbox_full_frame_4x3": summary(y_lock, p_frame, t_frame, g_lock),
             "archive_test_646": summary([r.label for r in clean], p_test, t_test, None),

@@ -87,7 +87,7 @@ def evaluate(
     by_key = {r.key: (p, r, pred.threshold) for r, p, pred in zip(records, probs, preds, strict=True)}
 
     results: dict[str, BinaryMetrics] = {}
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # labels, probabilities, thresholds
     for name, recs in subsets.items():
         scored = [by_key[r.key] for r in recs if not math.isnan(by_key[r.key][0])]
         y = np.array([r.label for _, r, _ in scored])
@@ -106,16 +106,7 @@ def evaluate(
             "path": str(predictor.model_path),
             "threshold": predictor.threshold,
             "temperature": predictor.card.temperature,
-            **(
-                {
-                    "photo_types": {
-                        t: {"temperature": predictor.temperature_for(t), "threshold": predictor.threshold_for(t)}
-                        for t in predictor.photo_types.temperatures
-                    }
-                }
-                if predictor.photo_types
-                else {}
-            ),
+            **({"photo_types": types} if (types := predictor.photo_type_calibration()) else {}),
         },
         "data": {
             "dataset": str(data),

@@ -155,6 +155,15 @@ class Predictor:
             return self.card.threshold
         return self.photo_types.threshold(photo_type)
 
+    def photo_type_calibration(self) -> dict[str, dict[str, float]] | None:
+        """{type: {temperature, threshold}} where the model calibrates each photo type on its own, else None."""
+        if self.photo_types is None:
+            return None
+        return {
+            t: {"temperature": self.temperature_for(t), "threshold": self.threshold_for(t)}
+            for t in self.photo_types.temperatures
+        }
+
     def detect_photo_types(self, embeddings: np.ndarray | None, n: int) -> list[str | None]:
         """The detected type of each photo (None for all when the card calibrates every photo alike)."""
         if self.photo_types is None or embeddings is None:

@@ -1055,12 +1055,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             "model": predictor.info(),
             "threshold": card.threshold,
             # calibration per detected photo type (null: one temperature and threshold for every photo)
-            "photo_types": {
-                t: {"temperature": predictor.temperature_for(t), "threshold": predictor.threshold_for(t)}
-                for t in predictor.photo_types.temperatures
-            }
-            if predictor.photo_types
-            else None,
+            "photo_types": predictor.photo_type_calibration(),
             "preprocessing": card.spec.to_dict(),
             "intended_use": card.intended_use,
             # the answers this model can use beside the photo (null: none; see skinscan.answers)
