@@ -10,7 +10,7 @@ import pytest
 
 from skinscan.errors import ModelLoadError
 from skinscan.metrics import sigmoid
-from skinscan.phototype import CARD_SECTION, PhotoTypes, fit_photo_types
+from skinscan.phototype import CARD_SECTION, PhotoTypes, cv_thresholds, fit_photo_types
 from skinscan.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +43,90 @@ def test_fit_recovers_a_temperature_per_type_and_keeps_one_decision_boundary():
         got = section["types"][t]
         assert got["temperature"] == pytest.approx(want, rel=0.15)
         assert got["validation"]["log_loss_own_temperature"] < got["validation"]["log_loss_global_temperature"]
-    # one boundary in logit units: each type's threshold is the same logit, seen through its temperature
-    z = section["threshold_logit"]
-    assert z == pytest.approx(1.6 * np.log(0.1 / 0.9))
-    for t in truth:
-        assert section["types"][t]["threshold"] == pytest.approx(sigmoid(z / section["types"][t]["temperature"]))
+    # without cross-validated thresholds, one boundary in logit units: the global threshold's logit seen
+    # through each type's temperature
+    z = 1.6 * np.log(0.1 / 0.9)
     types_back = PhotoTypes.from_card({CARD_SECTION: section})
+    for t in truth:
+        assert section["types"][t]["threshold_logit"] == pytest.approx(z)
+        assert types_back.threshold(t) == pytest.approx(sigmoid(z / section["types"][t]["temperature"]))
     assert types_back.detect(v_emb[:50]) == list(v_types[:50])
+
+
+def _oof(rng: np.random.Generator, n: int, fold_scales: list[float], source: str, spread: float):
+    """Out-of-fold logits of one source: each fold model sees the true log-odds on its own scale."""
+    folds = rng.integers(0, len(fold_scales), n)
+    log_odds = rng.normal(0, spread, n)
+    labels = (rng.random(n) < sigmoid(log_odds)).astype(int)
+    return folds, [source] * n, labels, log_odds * np.take(fold_scales, folds)
+
+
+def test_thresholds_from_cross_validation_keep_the_target_on_each_source():
+    rng = np.random.default_rng(2)
+    derm = _oof(rng, 3000, [1.0, 1.5, 2.0], "isic-mvb", 3.0)
+    phone = _oof(rng, 2400, [2.0, 4.0, 3.0], "pad-ufes-20-phone", 1.5)  # harder: less separable
+    folds, sources, labels, logits = (np.concatenate([a, b]) for a, b in zip(derm, phone, strict=True))
+    cv = cv_thresholds(folds, sources, labels, logits, target=0.9, run="cv-run")
+    assert set(cv["types"]) == {"dermoscopic", "phone"} and "0.9" in cv["rule"] and "cv-run" in cv["rule"]
+    for t, scales, data in (("dermoscopic", [1.0, 1.5, 2.0], derm), ("phone", [2.0, 4.0, 3.0], phone)):
+        got = cv["types"][t]
+        assert [got["cross_validation"]["fold_temperatures"][str(f)] for f in range(3)] == pytest.approx(
+            scales, rel=0.2
+        )
+        f, _, y, z = data
+        temps = np.array([got["cross_validation"]["fold_temperatures"][str(i)] for i in f])
+        p = sigmoid(z / temps)
+        sens = (p[y == 1] >= got["threshold"]).mean()
+        assert sens >= 0.9 and sens == pytest.approx(got["cross_validation"]["sensitivity"])
+        assert (p[y == 1] >= np.nextafter(got["threshold"], 1)).mean() < 0.9  # the highest such threshold
+    # the less separable phone photos need a lower probability to keep the same sensitivity
+    assert cv["types"]["phone"]["threshold"] < cv["types"]["dermoscopic"]["threshold"]
+
+    # a threshold per type in the card section, read back as is
+    emb, types, _, _ = _synthetic(rng, 200, {"dermoscopic": 1.0, "phone": 3.0})
+    v_emb, v_types, v_logits, v_labels = _synthetic(rng, 400, {"dermoscopic": 1.0, "phone": 3.0})
+    section = fit_photo_types(
+        emb, types, [str(i) for i in range(len(types))], v_emb, v_logits, v_labels, v_types,
+        temperature=1.7, threshold=0.2, cv=cv,
+    )  # fmt: skip
+    assert section["format"] == 2 and section["threshold_rule"] == cv["rule"]
+    back = PhotoTypes.from_card({CARD_SECTION: section})
+    for t, data in (("dermoscopic", derm), ("phone", phone)):
+        assert back.threshold(t) == cv["types"][t]["threshold"]
+        assert section["types"][t]["threshold_cross_validation"]["n"] == len(data[0])
+        temp = section["types"][t]["temperature"]
+        assert sigmoid(section["types"][t]["threshold_logit"] / temp) == pytest.approx(back.threshold(t))
+
+
+def test_thresholds_from_cross_validation_refuse_what_they_cannot_use():
+    from skinscan.errors import SkinscanError
+
+    rng = np.random.default_rng(3)
+    folds, sources, labels, logits = _oof(rng, 300, [1.0, 2.0], "isic-mvb", 2.0)
+    with pytest.raises(SkinscanError, match="both types"):
+        cv_thresholds(folds, sources, labels, logits, target=0.95)
+    with pytest.raises(SkinscanError, match="cannot tell"):
+        cv_thresholds(folds, ["elsewhere"] * 300, labels, logits, target=0.95)
+    phone = _oof(rng, 200, [1.0, 2.0], "pad-ufes-20-phone", 2.0)
+    both = [np.concatenate([a, b]) for a, b in zip((folds, sources, labels, logits), phone, strict=True)]
+    with pytest.raises(SkinscanError, match="2 or more folds"):
+        cv_thresholds(np.zeros(500, int), *both[1:], target=0.95)
+
+
+def test_a_format_1_section_keeps_one_boundary():
+    temps = {"dermoscopic": 1.2, "phone": 2.5}
+    section = {
+        "format": 1,
+        "probe": {"weights": [0.0] * 4, "bias": 0.0},
+        "threshold_logit": -2.5,
+        "types": {t: {"temperature": v} for t, v in temps.items()},
+    }
+    from skinscan.quality import encode_array
+
+    section["probe"]["weights"] = encode_array(np.zeros(4))
+    back = PhotoTypes.from_card({CARD_SECTION: section})
+    for t, v in temps.items():
+        assert back.threshold(t) == pytest.approx(sigmoid(-2.5 / v))
 
 
 def test_a_type_with_too_few_validation_photos_keeps_the_global_temperature():
@@ -75,16 +152,20 @@ def test_the_default_model_tells_dermoscopic_from_phone_photos_and_calibrates_ea
         "phone-malignant-bcc.jpg": "phone",
     }
     results = predictor.predict([EXAMPLES / name for name in cases], force=True)
-    z_thr = predictor.photo_types.threshold_logit
+    section = predictor.card.photo_types
     for r, want in zip(results, cases.values(), strict=True):
         assert r.photo_type == want
         t = predictor.photo_types.temperatures[want]
         assert r.probability == pytest.approx(float(sigmoid(r.logit / t)), abs=1e-9)
-        assert r.threshold == pytest.approx(predictor.threshold_for(want))
-        # the decision is the same on either type's scale: one boundary in logit units
-        assert r.decision == ("refer" if r.logit >= z_thr else "monitor")
+        assert r.threshold == predictor.threshold_for(want) == section["types"][want]["threshold"]
+        assert r.decision == ("refer" if r.probability >= r.threshold else "monitor")
+        # the type's threshold in logit units tells the same
+        assert r.decision == ("refer" if r.logit >= section["types"][want]["threshold_logit"] else "monitor")
     temps = predictor.photo_types.temperatures
     assert temps["phone"] > temps["dermoscopic"]  # phone photos need the softer temperature
+    # the thresholds were chosen on cross-validated predictions of every phone photo outside the box
+    cv = section["types"]["phone"]["threshold_cross_validation"]
+    assert cv["n"] == 468 and cv["sensitivity"] >= predictor.card.training["config"]["target_sensitivity"]
 
 
 def test_the_probe_on_real_photos(predictor, isic_mvb, pad_ufes):

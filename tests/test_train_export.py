@@ -154,3 +154,25 @@ def test_export_photo_types_on_a_one_kind_run_is_a_clear_error(tiny_run, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "both types" in err and "without --photo-types" in err
     assert not (tmp_path / "models").exists()  # refused before any export work
+
+
+def test_export_thresholds_from_refuses_a_run_it_cannot_use(tiny_run, tmp_path, capsys):
+    from skinscan.cli import main
+
+    _, out, _ = tiny_run
+    models = tmp_path / "models"
+    base = ["export", str(out), "--out", str(models), "--name", "tiny"]
+    assert main([*base, "--thresholds-from", str(out)]) == 2
+    assert "add --photo-types" in capsys.readouterr().err
+
+    cv_run = tmp_path / "cv"
+    cv_run.mkdir()
+    assert main([*base, "--photo-types", "--thresholds-from", str(cv_run)]) == 2
+    assert "no oof.csv" in capsys.readouterr().err
+
+    (cv_run / "oof.csv").write_text("fold,source,key,patient,label,logit\n")
+    (cv_run / "data.json").write_text(json.dumps({"records_sha256": "other photos"}))
+    assert main([*base, "--photo-types", "--thresholds-from", str(cv_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "records_sha256 differs" in err
+    assert not models.exists()  # refused before any export work

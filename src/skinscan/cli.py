@@ -271,11 +271,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.run]
     run = runs[0]  # an ensemble's runs share their training and validation images
     check = validation_image_paths(run) or None
-    split = _photo_type_split(run) if args.photo_types else None  # its errors before the export's work
+    if args.thresholds_from and not args.photo_types:
+        raise SkinscanError("--thresholds-from sets a threshold per photo type: add --photo-types")
+    # their errors before the export's work
+    cv = _cv_thresholds(run, Path(args.thresholds_from)) if args.thresholds_from else None
+    split = _photo_type_split(run) if args.photo_types else None
     path = export(runs, args.out, name=args.name, version_tag=args.version, check_images=check)
     print(f"wrote {path} and {path.with_suffix('.card.json')}")
     if split:  # before --test: the test metrics use the per-type calibration
-        _add_photo_types(path, *split)
+        _add_photo_types(path, *split, cv=cv)
     if args.test:
         report_dir = Path("reports") / f"{args.name}-test"
         record_test_metrics(path, _resolve(args, args.test), report_dir)
@@ -312,7 +316,44 @@ def _photo_type_split(run: Path) -> tuple[list, list]:
     return train, val
 
 
-def _add_photo_types(path: Path, train: list, val: list) -> None:
+def _cv_thresholds(run: Path, cv_run: Path) -> dict:
+    """`--thresholds-from`: the thresholds per photo type from a K-fold run's out-of-fold predictions, which
+    must score exactly the model's training photos (so none of the locked box) at the run's target."""
+    from .config import load_config
+    from .phototype import cv_thresholds
+
+    oof = cv_run / "oof.csv"
+    if not oof.is_file():
+        raise SkinscanError(
+            f"--thresholds-from {cv_run}: no oof.csv there; train the same recipe with --set folds=3 (or more)"
+        )
+    mine, theirs = (json.loads((r / "data.json").read_text()).get("records_sha256") for r in (run, cv_run))
+    if mine is None or mine != theirs:
+        raise SkinscanError(
+            f"--thresholds-from {cv_run}: its folds cover other photos than {run}'s training photos "
+            "(records_sha256 differs); train it with the same data and exclude_patients"
+        )
+    with oof.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    target = load_config(run / "config.yaml").target_sensitivity
+    cv = cv_thresholds(
+        [int(r["fold"]) for r in rows],
+        [r["source"] for r in rows],
+        [int(r["label"]) for r in rows],
+        [float(r["logit"]) for r in rows],
+        target=target,
+        run=str(cv_run),
+    )
+    for t, v in cv["types"].items():
+        c = v["cross_validation"]
+        print(
+            f"{t} threshold {v['threshold']:.3f}: out-of-fold sensitivity {c['sensitivity']:.3f}, specificity "
+            f"{c['specificity']:.3f} on {c['n']} {c['source']} photos ({c['n_malignant']} malignant)"
+        )
+    return cv
+
+
+def _add_photo_types(path: Path, train: list, val: list, cv: dict | None = None) -> None:
     from .export import add_photo_types
     from .phototype import SOURCE_PHOTO_TYPE
 
@@ -324,10 +365,13 @@ def _add_photo_types(path: Path, train: list, val: list) -> None:
         [r.path for r in val],
         [r.label for r in val],
         [SOURCE_PHOTO_TYPE[r.source] for r in val],
+        cv=cv,
         progress=True,
     )
     fit = section["fit"]
-    temps = ", ".join(f"{t} {v['temperature']:.2f}" for t, v in section["types"].items())
+    temps = ", ".join(
+        f"{t} {v['temperature']:.2f} (threshold {v['threshold']:.3f})" for t, v in section["types"].items()
+    )
     print(
         f"photo types stored in the model card: probe accuracy {fit['probe_accuracy_cross_validated']:.1%} "
         f"(cross-validated on the training photos), {fit['probe_accuracy_validation']:.1%} on validation; "
@@ -660,7 +704,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate dermoscopic images and phone photos each with its own temperature: a probe on the "
         "embedding tells them apart (fitted on the run's training photos), the temperatures are fitted on its "
-        "validation photos; the decision boundary stays one (see skinscan.phototype)",
+        "validation photos; the decision boundary stays one unless --thresholds-from (see skinscan.phototype)",
+    )
+    p.add_argument(
+        "--thresholds-from",
+        metavar="CV_RUN",
+        help="with --photo-types: a threshold per photo type chosen on the out-of-fold predictions (oof.csv) of "
+        "a K-fold run of the same recipe and data (skinscan train ... --set folds=3): the calibrated probability "
+        "that keeps the run's target_sensitivity on each source's pooled out-of-fold photos",
     )
     p.add_argument(
         "--gate",

@@ -233,12 +233,11 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
         f"Model `{m['name']}` version {m['version']} (sha256 {m['sha256'][:12]}), "
         f"operating threshold {m['threshold']:.4f}, temperature {m['temperature']:.3f}"
         + (
-            "; calibrated per detected photo type: "
+            "; calibrated per detected photo type (each image takes its type's temperature and threshold): "
             + ", ".join(
                 f"{t} temperature {v['temperature']:.3f}, threshold {v['threshold']:.4f}"
                 for t, v in m["photo_types"].items()
             )
-            + " (one decision boundary)"
             if m.get("photo_types")
             else ""
         )

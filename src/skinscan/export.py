@@ -7,11 +7,11 @@ import json
 import platform
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -426,12 +426,14 @@ def add_photo_types(
     val_labels: Sequence[int],
     val_types: Sequence[str],
     *,
+    cv: Mapping[str, Any] | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict:
     """Fit the calibration per detected photo type (`skinscan.phototype`) and store it in the model card
     (`photo_types`): the type probe on the training photos' embeddings, a temperature per detected type on
-    the validation photos' logits, both from the exported model itself. Returns the card section."""
+    the validation photos' logits, both from the exported model itself; the thresholds per type from `cv`
+    (`phototype.cv_thresholds`) if given, else the run's one boundary. Returns the card section."""
     from .card import ModelCard
     from .phototype import CARD_SECTION, fit_photo_types
     from .predict import Predictor
@@ -452,6 +454,7 @@ def add_photo_types(
         [val_types[i] for i in val_kept],
         temperature=predictor.card.temperature,
         threshold=predictor.card.threshold,
+        cv=cv,
     )
     card = predictor.card.model_dump()
     card[CARD_SECTION] = section

@@ -8,9 +8,12 @@ carry a `photo_types` section:
 - a linear probe on the model's own `embedding` output that tells a dermoscopic image from a phone photo
   (logistic regression on the training photos, labelled by their source; > 0 means "phone");
 - one temperature per type, fitted on the validation photos of that (detected) type;
-- the operating threshold in logit units, which stays ONE decision boundary: the training run chose it so
-  that validation sensitivity holds on every source, so decisions do not change with the type; only the
-  probability (and so the threshold in probability units) does: threshold = sigmoid(threshold_logit / T).
+- one operating threshold per type (a calibrated probability). By default it is the training run's
+  threshold, ONE decision boundary in logit units seen through each type's temperature. With
+  cross-validated predictions (`cv_thresholds`: the out-of-fold logits of a K-fold run of the same recipe,
+  `skinscan export --photo-types --thresholds-from CV_RUN`) each type gets the calibrated probability at
+  which that source's out-of-fold predictions keep the target sensitivity: 190 phone cancers instead of the
+  validation split's 30.
 
 A card without the section calibrates every photo with the card's `temperature` and `threshold`.
 """
@@ -27,7 +30,7 @@ from .errors import SkinscanError
 from .metrics import expected_calibration_error, fit_temperature, sigmoid
 
 CARD_SECTION = "photo_types"
-SECTION_FORMAT = 1
+SECTION_FORMAT = 2  # 2: a threshold per type (format 1: one `threshold_logit` for all)
 PHOTO_TYPES = ("dermoscopic", "phone")
 # what kind of photo each training source holds (others: pass `types` explicitly)
 SOURCE_PHOTO_TYPE = {"isic-mvb": "dermoscopic", "pad-ufes-20-phone": "phone"}
@@ -47,7 +50,7 @@ class PhotoTypes:
     weights: np.ndarray  # (D,) probe on sqrt(embedding); > 0: phone
     bias: float
     temperatures: Mapping[str, float]
-    threshold_logit: float
+    thresholds: Mapping[str, float]  # calibrated probability, per type
 
     @classmethod
     def from_card(cls, card: Any) -> PhotoTypes | None:
@@ -63,11 +66,17 @@ class PhotoTypes:
             temps = {t: float(d["types"][t]["temperature"]) for t in PHOTO_TYPES}
             if min(temps.values()) <= 0:
                 raise ValueError("temperatures must be positive")
+            if int(d["format"]) == 1:  # one boundary in logit units
+                thresholds = {t: float(sigmoid(float(d["threshold_logit"]) / temps[t])) for t in PHOTO_TYPES}
+            else:
+                thresholds = {t: float(d["types"][t]["threshold"]) for t in PHOTO_TYPES}
+            if not all(0 < v < 1 for v in thresholds.values()):
+                raise ValueError("thresholds must lie between 0 and 1")
             return cls(
                 decode_array(d["probe"]["weights"], "photo_types.probe.weights"),
                 float(d["probe"]["bias"]),
                 temps,
-                float(d["threshold_logit"]),
+                thresholds,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"the model card's {CARD_SECTION} section is invalid: {exc}") from None
@@ -78,7 +87,7 @@ class PhotoTypes:
         return [PHOTO_TYPES[int(s > 0)] for s in score]
 
     def threshold(self, photo_type: str) -> float:
-        return float(sigmoid(self.threshold_logit / self.temperatures[photo_type]))
+        return self.thresholds[photo_type]
 
 
 def require_both_types(types: Sequence[str]) -> None:
@@ -102,13 +111,15 @@ def fit_photo_types(
     *,
     temperature: float,
     threshold: float,
+    cv: Mapping[str, Any] | None = None,
     c: float = 0.1,
     folds: int = 5,
 ) -> dict:
     """The card section: the probe (fitted on the training photos; its accuracy cross-validated by
     `train_groups` on them and measured on the validation photos), then one temperature per DETECTED type
-    on the validation photos. `temperature` and `threshold` are the card's global ones: the threshold's
-    logit (threshold_logit = temperature * logit(threshold)) is kept for every type."""
+    on the validation photos. `temperature` and `threshold` are the card's global ones. Without `cv` each
+    type's threshold is the global threshold's logit (temperature * logit(threshold)) seen through the type's
+    temperature: one decision boundary. With `cv` (what `cv_thresholds` returns) each type takes its own."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.model_selection import GroupKFold
@@ -125,7 +136,7 @@ def fit_photo_types(
         held_out[outside] = m.decision_function(x[outside])
     model = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=w)
     weights = decode_array(encode_array(model.coef_[0]), "fit")  # fitted = what the card stores
-    probe = PhotoTypes(weights, float(model.intercept_[0]), dict.fromkeys(PHOTO_TYPES, temperature), 0.0)
+    probe = PhotoTypes(weights, float(model.intercept_[0]), dict.fromkeys(PHOTO_TYPES, temperature), {})
 
     z_thr = float(temperature * np.log(threshold / (1 - threshold)))
     val_logits, val_labels = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
@@ -136,13 +147,17 @@ def fit_photo_types(
         m = detected == t
         own = int(m.sum()) >= MIN_TYPE_IMAGES and len(np.unique(val_labels[m])) == 2
         temp = fit_temperature(val_logits[m], val_labels[m]) if own else temperature
+        thr = float(cv["types"][t]["threshold"]) if cv else float(sigmoid(z_thr / temp))
         entry: dict[str, Any] = {
             "temperature": temp,
-            "threshold": float(sigmoid(z_thr / temp)),
+            "threshold": thr,
+            "threshold_logit": float(temp * np.log(thr / (1 - thr))),
             "fitted_on": f"{int(m.sum())} validation photos detected as {t}"
             if own
             else f"too few validation photos detected as {t} ({int(m.sum())}): the global temperature",
         }
+        if cv:
+            entry["threshold_cross_validation"] = cv["types"][t]["cross_validation"]
         if m.any():
             before, after = sigmoid(val_logits[m] / temperature), sigmoid(val_logits[m] / temp)
             entry["validation"] = {
@@ -152,6 +167,9 @@ def fit_photo_types(
                 "log_loss_own_temperature": float(log_loss(val_labels[m], after, labels=[0, 1])),
                 "ece_global_temperature": expected_calibration_error(val_labels[m], before),
                 "ece_own_temperature": expected_calibration_error(val_labels[m], after),
+                "sensitivity_at_threshold": float((after[val_labels[m] == 1] >= thr).mean())
+                if val_labels[m].any()
+                else None,
             }
         types[t] = entry
     train_truth = y.astype(bool)
@@ -160,10 +178,12 @@ def fit_photo_types(
         "method": (
             f"logistic probe (L2, C={c:g}, both types weighted alike) on sqrt(embedding) tells dermoscopic images "
             "from phone photos; a temperature per detected type fitted on the validation photos (negative "
-            "log-likelihood); one decision boundary in logit units for every type"
+            "log-likelihood)"
         ),
+        "threshold_rule": cv["rule"]
+        if cv
+        else "the training run's threshold: one decision boundary in logit units for every type",
         "probe": {"transform": "sqrt", "weights": encode_array(weights), "bias": float(model.intercept_[0])},
-        "threshold_logit": z_thr,
         "types": types,
         "fit": {
             "train_photos": {t: int((y == i).sum()) for i, t in enumerate(PHOTO_TYPES)},
@@ -175,4 +195,67 @@ def fit_photo_types(
             "global_temperature": float(temperature),
             "global_threshold": float(threshold),
         },
+    }
+
+
+def cv_thresholds(
+    folds: Sequence[int],
+    sources: Sequence[str],
+    labels: Sequence[int],
+    logits: Sequence[float],
+    *,
+    target: float,
+    run: str = "",
+) -> dict:
+    """A threshold per photo type from cross-validated predictions (`oof.csv` of a K-fold run: every photo
+    scored by the fold model that did not train on it). Each fold model's logits of one source are put on a
+    calibrated scale by their own temperature (fitted on that fold's photos of the source; fold models differ
+    in scale), the folds are pooled, and the type's threshold is the highest calibrated probability that
+    keeps the pooled sensitivity >= `target`: a probability, so it carries over to the model that ships,
+    whose own per-type temperature puts its logits on the same calibrated scale."""
+    from .metrics import threshold_for_sensitivity
+
+    folds, sources = np.asarray(folds), np.asarray(sources)
+    labels, logits = np.asarray(labels).astype(int), np.asarray(logits, dtype=np.float64)
+    unknown = sorted(set(sources) - set(SOURCE_PHOTO_TYPE))
+    if unknown:
+        raise SkinscanError(f"cannot tell which kind of photo {', '.join(unknown)} holds")
+    require_both_types([SOURCE_PHOTO_TYPE[s] for s in sources])
+    if len(np.unique(folds)) < 2:
+        raise SkinscanError("thresholds from cross-validation need the out-of-fold predictions of 2 or more folds")
+    types: dict[str, dict] = {}
+    for source in sorted(set(sources)):
+        t = SOURCE_PHOTO_TYPE[source]
+        if t in types:
+            raise SkinscanError(f"two sources hold {t} photos: the threshold per type needs one source per type")
+        probs, ys, fold_temps = [], [], {}
+        for f in np.unique(folds):
+            m = (folds == f) & (sources == source)
+            if len(np.unique(labels[m])) < 2:
+                raise SkinscanError(f"fold {f} holds {source} photos of one class only: no temperature to fit")
+            temp = fit_temperature(logits[m], labels[m])
+            fold_temps[str(int(f))] = temp
+            probs.append(sigmoid(logits[m] / temp))
+            ys.append(labels[m])
+        p, y = np.concatenate(probs), np.concatenate(ys)
+        thr = threshold_for_sensitivity(y, p, target)
+        types[t] = {
+            "threshold": thr,
+            "cross_validation": {
+                "source": source,
+                "n": len(y),
+                "n_malignant": int(y.sum()),
+                "sensitivity": float((p[y == 1] >= thr).mean()),
+                "specificity": float((p[y == 0] < thr).mean()),
+                "fold_temperatures": fold_temps,
+            },
+        }
+    where = f" of {run}" if run else ""
+    return {
+        "types": types,
+        "rule": (
+            f"per type, the highest calibrated probability that keeps sensitivity >= {target:g} on the pooled "
+            f"out-of-fold predictions{where} ({len(np.unique(folds))} folds, each fold's logits calibrated by "
+            "its own temperature per source)"
+        ),
     }
