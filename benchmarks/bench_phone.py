@@ -88,7 +88,7 @@ def main() -> None:
         pred = Predictor(path)
         p_lock, z_lock, t_lock, res = score(pred, [r.path for r in lock])
         p_test, _, t_test, res_test = score(pred, [r.path for r in clean])
-        p_frame, _, t_frame, _ = score(pred, frames)
+        p_frame, _, t_frame, res_frame = score(pred, frames)
         entry = {
             "model": pred.info(),
             "threshold": pred.threshold,
@@ -98,8 +98,8 @@ def main() -> None:
             "archive_test_646": summary([r.label for r in clean], p_test, t_test, None),
             "lockbox_quality_retake": int(sum(r.quality == "retake" for r in res)),
             "detected_photo_types": {
-                "lockbox": dict(Counter(r.photo_type or "untyped" for r in res)),
-                "archive_test_646": dict(Counter(r.photo_type or "untyped" for r in res_test)),
+                name: dict(Counter(r.photo_type or "untyped" for r in rs))
+                for name, rs in (("lockbox", res), ("lockbox_full_frame_4x3", res_frame), ("archive_test_646", res_test))
             },
         }
         # skin types recorded with the photo (fitspatrick); AUC where both classes are present
