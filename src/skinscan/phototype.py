@@ -12,8 +12,8 @@ carry a `photo_types` section:
   threshold, ONE decision boundary in logit units seen through each type's temperature. With
   cross-validated predictions (`cv_thresholds`: the out-of-fold logits of a K-fold run of the same recipe,
   `skinscan export --photo-types --thresholds-from CV_RUN`) each type gets the calibrated probability at
-  which that source's out-of-fold predictions keep the target sensitivity: 190 phone cancers instead of the
-  validation split's 30.
+  which that source's out-of-fold predictions keep the target sensitivity: 191 phone cancers instead of the
+  validation split's 27.
 
 A card without the section calibrates every photo with the card's `temperature` and `threshold`.
 """
