@@ -176,3 +176,35 @@ def test_export_thresholds_from_refuses_a_run_it_cannot_use(tiny_run, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "records_sha256 differs" in err
     assert not models.exists()  # refused before any export work
+
+
+def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, pad_ufes, capsys):
+    """A tiny two-source run and a K-fold run of the same photos: export --photo-types --thresholds-from."""
+    import csv
+
+    from skinscan.cli import main
+
+    over = {"data": [str(isic_mvb), str(pad_ufes)], "limit": 160, "epochs": 1, "batch_size": 16, "threads": 2}
+    run, cv_run, models = tmp_path / "run", tmp_path / "cv", tmp_path / "models"
+    train_mod.train(load_config(overrides=over), run, progress=False)
+    train_mod.train(load_config(overrides={**over, "folds": 2}), cv_run, progress=False)
+    args = ["export", str(run), "--out", str(models), "--name", "two", "--photo-types"]
+    assert main([*args, "--thresholds-from", str(cv_run)]) == 0
+    printed = capsys.readouterr().out
+    section = json.loads((models / "two.card.json").read_text())["photo_types"]
+    target = load_config(overrides=over).target_sensitivity
+    with (cv_run / "oof.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for t, source in (("dermoscopic", "isic-mvb"), ("phone", "pad-ufes-20-phone")):
+        entry = section["types"][t]
+        thr, cv = entry["threshold"], entry["threshold_cross_validation"]
+        mine = [r for r in rows if r["source"] == source]
+        assert cv["source"] == source and cv["n"] == len(mine) > 0
+        # each fold's logits through its temperature: the threshold keeps the target on the pooled photos
+        p = np.array([1 / (1 + np.exp(-float(r["logit"]) / cv["fold_temperatures"][r["fold"]])) for r in mine])
+        y = np.array([int(r["label"]) for r in mine])
+        assert (p[y == 1] >= thr).mean() >= target
+        assert f"{t} threshold {thr:.3f}" in printed
+    predictor = Predictor(models / "two.onnx")
+    assert predictor.photo_types.thresholds == {t: section["types"][t]["threshold"] for t in section["types"]}
+    assert str(cv_run) in section["threshold_rule"]
