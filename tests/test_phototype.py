@@ -114,16 +114,15 @@ def test_thresholds_from_cross_validation_refuse_what_they_cannot_use():
 
 
 def test_a_format_1_section_keeps_one_boundary():
+    from skinscan.quality import encode_array
+
     temps = {"dermoscopic": 1.2, "phone": 2.5}
     section = {
         "format": 1,
-        "probe": {"weights": [0.0] * 4, "bias": 0.0},
+        "probe": {"weights": encode_array(np.zeros(4)), "bias": 0.0},
         "threshold_logit": -2.5,
         "types": {t: {"temperature": v} for t, v in temps.items()},
     }
-    from skinscan.quality import encode_array
-
-    section["probe"]["weights"] = encode_array(np.zeros(4))
     back = PhotoTypes.from_card({CARD_SECTION: section})
     for t, v in temps.items():
         assert back.threshold(t) == pytest.approx(sigmoid(-2.5 / v))
