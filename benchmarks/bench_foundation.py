@@ -6,10 +6,12 @@ isic-mvb test (646 de-leaked and all 660) and on pad-ufes-20-phone (all 586; the
 never saw them), next to the prototype's architecture (raw pixels / 255 -> Dense 256 -> Dense 256 ->
 sigmoid, 5 epochs, Adam 1e-3, batch 32) trained here on the same training split.
 Speed: single-image latency (p50/p99) and batch-32 throughput of skinscan prediction (decode +
-preprocess + ONNX Runtime) vs. the same network in PyTorch eager (inference_mode, channels_last, the
-malloc settings), both including decode and preprocessing.
+preprocess + ONNX Runtime) vs. the same network(s) in PyTorch eager (inference_mode, channels_last, the
+malloc settings; an ensemble model's networks all run, their logits averaged, as in its ONNX graph), both
+including decode and preprocessing.
 
     python benchmarks/bench_foundation.py --run runs/isic-lite0 --out reports/bench-foundation.json
+    python benchmarks/bench_foundation.py --skip-quality --run runs/skinscan-phone runs/skinscan-phone-s1
 """
 
 from __future__ import annotations
@@ -111,13 +113,17 @@ def speed(args: argparse.Namespace) -> dict:
     blobs = [f.read_bytes() for f in files]
     predictor = Predictor(args.model)
     spec = predictor.spec
-    net, _ = load_run_model(Path(args.run))
-    net = net.to(memory_format=torch.channels_last).eval()
+    nets = [load_run_model(Path(r))[0].to(memory_format=torch.channels_last).eval() for r in args.run]
+
+    def torch_logit(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net(x) for net in nets]).mean(0)
 
     def torch_predict(batch_bytes):
         x = torch.from_numpy(normalise(np.stack([load_pixels(b, spec) for b in batch_bytes]), spec))
         with torch.inference_mode():
-            return torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)) / predictor.card.temperature)
+            return torch.sigmoid(
+                torch_logit(x.contiguous(memory_format=torch.channels_last)) / predictor.card.temperature
+            )
 
     def onnx_predict(batch_bytes):
         return predictor.predict(batch_bytes)
@@ -150,7 +156,7 @@ def speed(args: argparse.Namespace) -> dict:
     # parity on real images
     x = normalise(np.stack([load_pixels(b, spec) for b in blobs[:32]]), spec)
     with torch.inference_mode():
-        tl = net(torch.from_numpy(x)).numpy()
+        tl = torch_logit(torch.from_numpy(x)).numpy()
     res["max_abs_logit_diff_onnx_vs_torch"] = float(np.abs(predictor.run(x)["logit"] - tl).max())
     return res
 
@@ -158,7 +164,12 @@ def speed(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="ONNX model (default: the bundled one)")
-    ap.add_argument("--run", default="runs/isic-lite0", help="training run of the same model (torch baseline)")
+    ap.add_argument(
+        "--run",
+        nargs="+",
+        default=["runs/isic-lite0"],
+        help="training run(s) of the same model (torch baseline; every run of an ensemble model)",
+    )
     ap.add_argument("--data-root", default=os.environ.get("SKINSCAN_DATA", "../shared/datasets"))
     ap.add_argument("--out", default="reports/bench-foundation.json")
     ap.add_argument("--n-single", type=int, default=200, help="images for single-image latency")

@@ -99,7 +99,11 @@ def main() -> None:
             "lockbox_quality_retake": int(sum(r.quality == "retake" for r in res)),
             "detected_photo_types": {
                 name: dict(Counter(r.photo_type or "untyped" for r in rs))
-                for name, rs in (("lockbox", res), ("lockbox_full_frame_4x3", res_frame), ("archive_test_646", res_test))
+                for name, rs in (
+                    ("lockbox", res),
+                    ("lockbox_full_frame_4x3", res_frame),
+                    ("archive_test_646", res_test),
+                )
             },
         }
         # skin types recorded with the photo (fitspatrick); AUC where both classes are present
