@@ -128,6 +128,16 @@ def speed(args: argparse.Namespace) -> dict:
     def onnx_predict(batch_bytes):
         return predictor.predict(batch_bytes)
 
+    # parity on real images, first: a baseline of other networks than the model's would time the wrong thing
+    x = normalise(np.stack([load_pixels(b, spec) for b in blobs[:32]]), spec)
+    with torch.inference_mode():
+        parity = float(np.abs(predictor.run(x)["logit"] - torch_logit(torch.from_numpy(x)).numpy()).max())
+    if parity > 1e-3:
+        sys.exit(
+            f"--run {' '.join(args.run)}: these networks are not the model's (logits differ by up to {parity:.3g}); "
+            "pass every run the model was exported from"
+        )
+
     res = {}
     for name, fn in (("skinscan (ONNX Runtime)", onnx_predict), ("PyTorch eager", torch_predict)):
         for b in blobs[:5]:
@@ -153,11 +163,7 @@ def speed(args: argparse.Namespace) -> dict:
         "latency_p50_torch_over_onnx": b["single_p50_ms"] / a["single_p50_ms"],
         "throughput_onnx_over_torch": a["batch32_images_per_s_median"] / b["batch32_images_per_s_median"],
     }
-    # parity on real images
-    x = normalise(np.stack([load_pixels(b, spec) for b in blobs[:32]]), spec)
-    with torch.inference_mode():
-        tl = torch_logit(torch.from_numpy(x)).numpy()
-    res["max_abs_logit_diff_onnx_vs_torch"] = float(np.abs(predictor.run(x)["logit"] - tl).max())
+    res["max_abs_logit_diff_onnx_vs_torch"] = parity
     return res
 
 
