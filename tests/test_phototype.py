@@ -21,7 +21,7 @@ def _synthetic(rng: np.random.Generator, n: int, temperatures: dict[str, float])
     """Embeddings whose first feature tells the type; logits = T_type * true log-odds, labels drawn from them."""
     types = np.array(["dermoscopic"] * (n // 2) + ["phone"] * (n - n // 2))
     emb = rng.random((n, 16)).astype(np.float32)
-    emb[:, 0] = np.where(types == "phone", 4.0, 0.25) + 0.1 * rng.random(n)
+    emb[:, 0] = np.where(types == "phone", 25.0, 0.25) + 0.1 * rng.random(n)  # a probe sure of either type
     log_odds = rng.normal(0, 2.0, n)
     labels = (rng.random(n) < sigmoid(log_odds)).astype(int)
     logits = log_odds * np.array([temperatures[t] for t in types])
@@ -126,6 +126,53 @@ def test_a_format_1_section_keeps_one_boundary():
     back = PhotoTypes.from_card({CARD_SECTION: section})
     for t, v in temps.items():
         assert back.threshold(t) == pytest.approx(sigmoid(-2.5 / v))
+
+
+def test_a_photo_is_judged_dermoscopic_only_where_the_probe_is_sure():
+    from skinscan.errors import SkinscanError
+    from skinscan.quality import encode_array
+
+    # one feature: the probe's score is 2 * sqrt(x) - 3, so x = ((score + 3) / 2) ** 2
+    scores = np.array([-2.9, -2.5, -1.0, 0.5, 3.0])
+    emb = (((scores + 3) / 2) ** 2)[:, None]
+    section = {
+        "format": 2,
+        "probe": {"weights": encode_array(np.array([2.0])), "bias": -3.0},
+        "types": {t: {"temperature": 1.0, "threshold": 0.2} for t in ("dermoscopic", "phone")},
+    }
+    even = PhotoTypes.from_card({CARD_SECTION: section})  # a section written before the key: even odds
+    assert even.dermoscopic_min_probability == 0.5 and even.boundary == 0
+    assert even.scores(emb) == pytest.approx(scores)
+    assert even.detect(emb) == ["dermoscopic"] * 3 + ["phone"] * 2
+    section["probe"]["dermoscopic_min_probability"] = 0.9  # P(dermoscopic) >= 0.9: score <= -log(9) = -2.197
+    sure = PhotoTypes.from_card({CARD_SECTION: section})
+    assert sure.boundary == pytest.approx(-np.log(9))
+    assert sure.detect(emb) == ["dermoscopic"] * 2 + ["phone"] * 3
+    section["probe"]["dermoscopic_min_probability"] = 1.0
+    with pytest.raises(ModelLoadError, match="dermoscopic_min_probability"):
+        PhotoTypes.from_card({CARD_SECTION: section})
+
+    # the fit stores the rule, detects the validation photos with it and counts what it changed
+    rng = np.random.default_rng(4)
+    t_emb, t_types, _, _ = _synthetic(rng, 300, {"dermoscopic": 1.0, "phone": 2.0})
+    v_emb, v_types, v_logits, v_labels = _synthetic(rng, 600, {"dermoscopic": 1.0, "phone": 2.0})
+    v_emb[:, 0] = rng.uniform(0.25, 25.0, len(v_emb))  # many photos between the two types
+    fits = {}
+    for q in (0.5, 0.9):
+        fits[q] = fit_photo_types(
+            t_emb, t_types, [str(i) for i in range(len(t_types))], v_emb, v_logits, v_labels, v_types,
+            temperature=1.5, threshold=0.2, dermoscopic_min_probability=q,
+        )  # fmt: skip
+        assert fits[q]["probe"]["dermoscopic_min_probability"] == q
+        assert f">= {q:g}" in fits[q]["method"]
+    as_phone = {q: f["types"]["phone"]["validation"]["n"] for q, f in fits.items()}
+    assert as_phone[0.9] > as_phone[0.5]
+    assert fits[0.9]["fit"]["probe_validation_confusion_at_even_odds"] == fits[0.5]["fit"]["probe_validation_confusion"]
+    with pytest.raises(SkinscanError, match="between 0 and 1"):
+        fit_photo_types(
+            t_emb, t_types, list(map(str, range(len(t_types)))), v_emb, v_logits, v_labels, v_types,
+            temperature=1.5, threshold=0.2, dermoscopic_min_probability=0,
+        )  # fmt: skip
 
 
 def test_a_type_with_too_few_validation_photos_keeps_the_global_temperature():

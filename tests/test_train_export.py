@@ -164,6 +164,10 @@ def test_export_thresholds_from_refuses_a_run_it_cannot_use(tiny_run, tmp_path, 
     base = ["export", str(out), "--out", str(models), "--name", "tiny"]
     assert main([*base, "--thresholds-from", str(out)]) == 2
     assert "add --photo-types" in capsys.readouterr().err
+    assert main([*base, "--dermoscopic-min-probability", "0.9"]) == 2
+    assert "add --photo-types" in capsys.readouterr().err
+    assert main([*base, "--photo-types", "--dermoscopic-min-probability", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
 
     cv_run = tmp_path / "cv"
     cv_run.mkdir()
@@ -189,7 +193,7 @@ def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, 
     train_mod.train(load_config(overrides=over), run, progress=False)
     train_mod.train(load_config(overrides={**over, "folds": 2}), cv_run, progress=False)
     args = ["export", str(run), "--out", str(models), "--name", "two", "--photo-types"]
-    assert main([*args, "--thresholds-from", str(cv_run)]) == 0
+    assert main([*args, "--thresholds-from", str(cv_run), "--dermoscopic-min-probability", "0.8"]) == 0
     printed = capsys.readouterr().out
     section = json.loads((models / "two.card.json").read_text())["photo_types"]
     target = load_config(overrides=over).target_sensitivity
@@ -207,4 +211,6 @@ def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, 
         assert f"{t} threshold {thr:.3f}" in printed
     predictor = Predictor(models / "two.onnx")
     assert predictor.photo_types.thresholds == {t: section["types"][t]["threshold"] for t in section["types"]}
+    assert predictor.photo_types.dermoscopic_min_probability == section["probe"]["dermoscopic_min_probability"] == 0.8
+    assert "P(dermoscopic) >= 0.8" in printed
     assert str(cv_run) in section["threshold_rule"]

@@ -273,13 +273,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     check = validation_image_paths(run) or None
     if args.thresholds_from and not args.photo_types:
         raise SkinscanError("--thresholds-from sets a threshold per photo type: add --photo-types")
+    q = args.dermoscopic_min_probability
+    if q is not None and not args.photo_types:
+        raise SkinscanError("--dermoscopic-min-probability sets how photo types are told apart: add --photo-types")
+    if q is not None and not 0 < q < 1:
+        raise SkinscanError(f"--dermoscopic-min-probability must lie between 0 and 1, not {q:g}")
     # their errors before the export's work
     cv = _cv_thresholds(run, Path(args.thresholds_from)) if args.thresholds_from else None
     split = _photo_type_split(run) if args.photo_types else None
     path = export(runs, args.out, name=args.name, version_tag=args.version, check_images=check)
     print(f"wrote {path} and {path.with_suffix('.card.json')}")
     if split:  # before --test: the test metrics use the per-type calibration
-        _add_photo_types(path, *split, cv=cv)
+        _add_photo_types(path, *split, cv=cv, dermoscopic_min_probability=q)
     if args.test:
         report_dir = Path("reports") / f"{args.name}-test"
         record_test_metrics(path, _resolve(args, args.test), report_dir)
@@ -353,7 +358,9 @@ def _cv_thresholds(run: Path, cv_run: Path) -> dict:
     return cv
 
 
-def _add_photo_types(path: Path, train: list, val: list, cv: dict | None = None) -> None:
+def _add_photo_types(
+    path: Path, train: list, val: list, cv: dict | None = None, dermoscopic_min_probability: float | None = None
+) -> None:
     from .export import add_photo_types
     from .phototype import SOURCE_PHOTO_TYPE
 
@@ -366,6 +373,7 @@ def _add_photo_types(path: Path, train: list, val: list, cv: dict | None = None)
         [r.label for r in val],
         [SOURCE_PHOTO_TYPE[r.source] for r in val],
         cv=cv,
+        dermoscopic_min_probability=dermoscopic_min_probability,
         progress=True,
     )
     fit = section["fit"]
@@ -375,7 +383,8 @@ def _add_photo_types(path: Path, train: list, val: list, cv: dict | None = None)
     print(
         f"photo types stored in the model card: probe accuracy {fit['probe_accuracy_cross_validated']:.1%} "
         f"(cross-validated on the training photos), {fit['probe_accuracy_validation']:.1%} on validation; "
-        f"temperatures {temps} (global {fit['global_temperature']:.2f})"
+        f"temperatures {temps} (global {fit['global_temperature']:.2f}); judged dermoscopic where the probe's "
+        f"P(dermoscopic) >= {section['probe']['dermoscopic_min_probability']:g}"
     )
 
 
@@ -712,6 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --photo-types: a threshold per photo type chosen on the out-of-fold predictions (oof.csv) of "
         "a K-fold run of the same recipe and data (skinscan train ... --set folds=3): the calibrated probability "
         "that keeps the run's target_sensitivity on each source's pooled out-of-fold photos",
+    )
+    p.add_argument(
+        "--dermoscopic-min-probability",
+        type=float,
+        metavar="Q",
+        help="with --photo-types: the probe's P(dermoscopic) a photo needs to be judged as dermoscopic, else it "
+        "is judged as a phone photo, whose threshold refers more (default 0.9: taking a phone photo for a "
+        "dermoscopic one can miss a cancer, the reverse costs a referral)",
     )
     p.add_argument(
         "--gate",

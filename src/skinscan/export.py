@@ -427,15 +427,18 @@ def add_photo_types(
     val_types: Sequence[str],
     *,
     cv: Mapping[str, Any] | None = None,
+    dermoscopic_min_probability: float | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict:
     """Fit the calibration per detected photo type (`skinscan.phototype`) and store it in the model card
     (`photo_types`): the type probe on the training photos' embeddings, a temperature per detected type on
     the validation photos' logits, both from the exported model itself; the thresholds per type from `cv`
-    (`phototype.cv_thresholds`) if given, else the run's one boundary. Returns the card section."""
+    (`phototype.cv_thresholds`) if given, else the run's one boundary. A photo is judged as dermoscopic
+    where the probe's P(dermoscopic) reaches `dermoscopic_min_probability` (default
+    `phototype.DERMOSCOPIC_MIN_PROBABILITY`). Returns the card section."""
     from .card import ModelCard
-    from .phototype import CARD_SECTION, fit_photo_types
+    from .phototype import CARD_SECTION, DERMOSCOPIC_MIN_PROBABILITY, fit_photo_types
     from .predict import Predictor
 
     onnx_path = Path(onnx_path)
@@ -455,6 +458,9 @@ def add_photo_types(
         temperature=predictor.card.temperature,
         threshold=predictor.card.threshold,
         cv=cv,
+        dermoscopic_min_probability=DERMOSCOPIC_MIN_PROBABILITY
+        if dermoscopic_min_probability is None
+        else dermoscopic_min_probability,
     )
     card = predictor.card.model_dump()
     card[CARD_SECTION] = section

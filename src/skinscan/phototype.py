@@ -6,7 +6,13 @@ temperature fitted on both (85% dermoscopic) leaves phone probabilities too extr
 carry a `photo_types` section:
 
 - a linear probe on the model's own `embedding` output that tells a dermoscopic image from a phone photo
-  (logistic regression on the training photos, labelled by their source; > 0 means "phone");
+  (logistic regression on the training photos, labelled by their source, both types weighted alike). A
+  photo counts as dermoscopic only when the probe is sure of it (`dermoscopic_min_probability`, 0.9 by
+  default), else it is judged as a phone photo: the two mistakes do not cost the same. A phone photo taken
+  for a dermoscopic one meets the dermoscopic threshold, which a phone photo's overconfident logits reach
+  less often (missed cancers); a dermoscopic image taken for a phone photo only meets the softer phone
+  threshold (one more referral). And skinscan's users send phone photos, not the training mix (85%
+  dermoscopic). The README gives what the rule changes on the default model's validation split;
 - one temperature per type, fitted on the validation photos of that (detected) type;
 - one operating threshold per type (a calibrated probability). By default it is the training run's
   threshold, ONE decision boundary in logit units seen through each type's temperature. With
@@ -35,6 +41,9 @@ PHOTO_TYPES = ("dermoscopic", "phone")
 # what kind of photo each training source holds (others: pass `types` explicitly)
 SOURCE_PHOTO_TYPE = {"isic-mvb": "dermoscopic", "pad-ufes-20-phone": "phone"}
 MIN_TYPE_IMAGES = 20  # fewer validation photos of a type (or one class only): it keeps the global temperature
+# the probe's P(dermoscopic) a photo needs to be judged as dermoscopic (else: phone); a section without the key
+# (written before it existed) decides at even odds, 0.5
+DERMOSCOPIC_MIN_PROBABILITY = 0.9
 
 
 def _features(embeddings: np.ndarray) -> np.ndarray:
@@ -47,10 +56,11 @@ def _features(embeddings: np.ndarray) -> np.ndarray:
 class PhotoTypes:
     """The card's `photo_types` section, ready to use."""
 
-    weights: np.ndarray  # (D,) probe on sqrt(embedding); > 0: phone
+    weights: np.ndarray  # (D,) probe on sqrt(embedding): its score is the log-odds of "phone"
     bias: float
     temperatures: Mapping[str, float]
     thresholds: Mapping[str, float]  # calibrated probability, per type
+    dermoscopic_min_probability: float = 0.5  # the probe's P(dermoscopic) needed to judge a photo as dermoscopic
 
     @classmethod
     def from_card(cls, card: Any) -> PhotoTypes | None:
@@ -72,19 +82,33 @@ class PhotoTypes:
                 thresholds = {t: float(d["types"][t]["threshold"]) for t in PHOTO_TYPES}
             if not all(0 < v < 1 for v in thresholds.values()):
                 raise ValueError("thresholds must lie between 0 and 1")
+            q = float(d["probe"].get("dermoscopic_min_probability", 0.5))
+            if not 0 < q < 1:
+                raise ValueError("probe.dermoscopic_min_probability must lie between 0 and 1")
             return cls(
                 decode_array(d["probe"]["weights"], "photo_types.probe.weights"),
                 float(d["probe"]["bias"]),
                 temps,
                 thresholds,
+                q,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"the model card's {CARD_SECTION} section is invalid: {exc}") from None
 
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """The probe's log-odds that each row of `embeddings` (N, D) is a phone photo (both types alike)."""
+        return _features(embeddings) @ self.weights.astype(np.float64) + self.bias
+
     def detect(self, embeddings: np.ndarray) -> list[str]:
-        """'dermoscopic' or 'phone' for each row of `embeddings` (N, D)."""
-        score = _features(embeddings) @ self.weights.astype(np.float64) + self.bias
-        return [PHOTO_TYPES[int(s > 0)] for s in score]
+        """'dermoscopic' or 'phone' for each row of `embeddings` (N, D): dermoscopic only where the probe's
+        P(dermoscopic) reaches `dermoscopic_min_probability`."""
+        return [PHOTO_TYPES[int(s)] for s in self.scores(embeddings) > self.boundary]
+
+    @property
+    def boundary(self) -> float:
+        """The probe score above which a photo is judged as a phone photo (0 at even odds)."""
+        q = self.dermoscopic_min_probability
+        return float(-np.log(q / (1 - q)))
 
     def threshold(self, photo_type: str) -> float:
         return self.thresholds[photo_type]
@@ -112,12 +136,14 @@ def fit_photo_types(
     temperature: float,
     threshold: float,
     cv: Mapping[str, Any] | None = None,
+    dermoscopic_min_probability: float = DERMOSCOPIC_MIN_PROBABILITY,
     c: float = 0.1,
     folds: int = 5,
 ) -> dict:
     """The card section: the probe (fitted on the training photos; its accuracy cross-validated by
     `train_groups` on them and measured on the validation photos), then one temperature per DETECTED type
-    on the validation photos. `temperature` and `threshold` are the card's global ones. Without `cv` each
+    on the validation photos, a photo being detected as dermoscopic where the probe's P(dermoscopic) reaches
+    `dermoscopic_min_probability`. `temperature` and `threshold` are the card's global ones. Without `cv` each
     type's threshold is the global threshold's logit (temperature * logit(threshold)) seen through the type's
     temperature: one decision boundary. With `cv` (what `cv_thresholds` returns) each type takes its own."""
     from sklearn.linear_model import LogisticRegression
@@ -126,6 +152,8 @@ def fit_photo_types(
 
     from .quality import decode_array, encode_array
 
+    if not 0 < dermoscopic_min_probability < 1:
+        raise SkinscanError(f"dermoscopic_min_probability must lie between 0 and 1, not {dermoscopic_min_probability}")
     require_both_types(train_types)
     x = _features(train_embeddings)
     y = np.array([PHOTO_TYPES.index(t) for t in train_types])
@@ -136,11 +164,14 @@ def fit_photo_types(
         held_out[outside] = m.decision_function(x[outside])
     model = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=w)
     weights = decode_array(encode_array(model.coef_[0]), "fit")  # fitted = what the card stores
-    probe = PhotoTypes(weights, float(model.intercept_[0]), dict.fromkeys(PHOTO_TYPES, temperature), {})
+    probe = PhotoTypes(
+        weights, float(model.intercept_[0]), dict.fromkeys(PHOTO_TYPES, temperature), {}, dermoscopic_min_probability
+    )
 
     z_thr = float(temperature * np.log(threshold / (1 - threshold)))
     val_logits, val_labels = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
     detected = np.array(probe.detect(val_embeddings))
+    at_even_odds = np.array(PHOTO_TYPES)[(probe.scores(val_embeddings) > 0).astype(int)]
     truth = np.asarray(val_types)
     types: dict[str, dict] = {}
     for t in PHOTO_TYPES:
@@ -177,25 +208,34 @@ def fit_photo_types(
         "format": SECTION_FORMAT,
         "method": (
             f"logistic probe (L2, C={c:g}, both types weighted alike) on sqrt(embedding) tells dermoscopic images "
-            "from phone photos; a temperature per detected type fitted on the validation photos (negative "
-            "log-likelihood)"
+            f"from phone photos; a photo is judged as dermoscopic where the probe's P(dermoscopic) >= "
+            f"{dermoscopic_min_probability:g}, else as a phone photo; a temperature per detected type fitted on the "
+            "validation photos (negative log-likelihood)"
         ),
         "threshold_rule": cv["rule"]
         if cv
         else "the training run's threshold: one decision boundary in logit units for every type",
-        "probe": {"transform": "sqrt", "weights": encode_array(weights), "bias": float(model.intercept_[0])},
+        "probe": {
+            "transform": "sqrt",
+            "weights": encode_array(weights),
+            "bias": float(model.intercept_[0]),
+            "dermoscopic_min_probability": float(dermoscopic_min_probability),
+        },
         "types": types,
         "fit": {
             "train_photos": {t: int((y == i).sum()) for i, t in enumerate(PHOTO_TYPES)},
-            "probe_accuracy_cross_validated": float(((held_out > 0) == train_truth).mean()),
+            "probe_accuracy_cross_validated": float(((held_out > probe.boundary) == train_truth).mean()),
             "probe_accuracy_validation": float((detected == truth).mean()),
-            "probe_validation_confusion": {
-                f"{a} as {b}": int(((truth == a) & (detected == b)).sum()) for a in PHOTO_TYPES for b in PHOTO_TYPES
-            },
+            "probe_validation_confusion": _confusion(truth, detected),
+            "probe_validation_confusion_at_even_odds": _confusion(truth, at_even_odds),
             "global_temperature": float(temperature),
             "global_threshold": float(threshold),
         },
     }
+
+
+def _confusion(truth: np.ndarray, detected: np.ndarray) -> dict[str, int]:
+    return {f"{a} as {b}": int(((truth == a) & (detected == b)).sum()) for a in PHOTO_TYPES for b in PHOTO_TYPES}
 
 
 def cv_thresholds(
