@@ -227,6 +227,38 @@ def test_the_probe_on_real_photos(predictor, isic_mvb, pad_ufes):
     assert accuracy >= 0.9, accuracy
 
 
+def test_phone_photos_in_a_wide_frame_are_judged_as_phone_photos(predictor, pad_ufes):
+    """A user's 4:3 frame with the lesion photo inside a wider field of skin resembles neither source; the
+    probe's rule (dermoscopic only where it is sure) keeps most such frames on the phone photos' threshold."""
+    from PIL import Image
+
+    from skinscan.data import load_dataset, read_patient_list
+
+    box = set(read_patient_list(REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"))
+    rng = np.random.default_rng(0)
+    frames = []
+    for r in [r for r in load_dataset(pad_ufes) if r.patient in box][:40]:
+        with Image.open(r.path) as img:
+            px = np.asarray(img.convert("RGB").resize((256, 256)), dtype=np.float64)
+        skin = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]]).mean(axis=0)
+        field = skin + rng.normal(0, 4, (480, 640, 3)) + np.linspace(-12, 12, 640)[None, :, None]
+        field[112:368, 192:448] = px
+        frames.append(Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)))
+    got = predictor.predict(frames, force=True)
+    as_phone = np.mean([r.photo_type == "phone" for r in got])
+    assert predictor.photo_types.dermoscopic_min_probability > 0.5
+    assert as_phone >= 0.75, as_phone
+    # at even odds (the probe alone) clearly fewer of them would be
+    from skinscan.preprocess import load_pixels, normalise
+
+    emb = predictor.run(normalise(np.stack([load_pixels(f, predictor.spec) for f in frames]), predictor.spec))
+    scores = predictor.photo_types.scores(emb["embedding"])
+    assert [("phone" if s > predictor.photo_types.boundary else "dermoscopic") for s in scores] == [
+        r.photo_type for r in got
+    ]
+    assert (scores > 0).mean() < as_phone - 0.1
+
+
 def test_answers_and_lesions_use_the_photo_types_temperature(predictor):
     from skinscan.answers import Answers
     from skinscan.lesion import predict_lesion
