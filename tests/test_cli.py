@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 
 
 def skinscan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -74,6 +75,57 @@ def test_evaluate_writes_metrics_report_and_plots(tmp_path, isic_mvb):
         assert (tmp_path / "rep" / plot).stat().st_size > 1000
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "ROC AUC" in report and "![ROC](roc.png)" in report
+
+
+@pytest.mark.data
+def test_evaluate_scores_a_patient_list_and_records_it_in_the_model_card(tmp_path, pad_ufes, isic_mvb, model_path):
+    from skinscan.data import load_dataset, read_patient_list
+    from skinscan.predict import Predictor
+
+    model = tmp_path / "m.onnx"  # a copy: --record rewrites the model file
+    model.write_bytes(model_path.read_bytes())
+    model.with_suffix(".card.json").write_bytes(model_path.with_suffix(".card.json").read_bytes())
+    before = Predictor(model).card.metrics
+    box = REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"
+    patients = read_patient_list(box)
+    photos = [r for r in load_dataset(pad_ufes) if r.patient in patients]
+    args = ["evaluate", "--model", str(model), "--data", str(pad_ufes), "--bootstrap", "50", "-q"]
+    out = skinscan(*args, "--patients", str(box), "--out", str(tmp_path / "rep"), "--record", "locked_box")
+    assert out.returncode == 0, out.stderr
+    assert "recorded in the model card" in out.stdout and "metrics.locked_box" in out.stdout
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert metrics["subsets"]["all"]["n"] == len(photos) > 0 and metrics["data"]["patients"] == len(patients)
+    assert metrics["subsets"]["all"]["n_malignant"] == sum(r.label for r in photos)
+    assert f"those of the {len(patients)} patients listed in {box}" in (tmp_path / "rep" / "report.md").read_text()
+    scored = {row["key"] for row in csv.DictReader((tmp_path / "rep" / "predictions.csv").open())}
+    assert scored == {r.key for r in photos}  # those patients' photos and no other
+    card = Predictor(model).card  # the card inside the model file
+    entry = card.metrics["locked_box"]
+    assert entry["subsets"] == metrics["subsets"] and entry["patients"] == len(patients)
+    assert entry["dataset"] == pad_ufes.name and entry["patients_from"] == str(box)
+    others = {k: v for k, v in card.metrics.items() if k != "locked_box"}
+    assert others == {k: v for k, v in before.items() if k != "locked_box"} and "test" in others  # kept as is
+    assert json.loads(model.with_suffix(".card.json").read_text())["metrics"]["locked_box"] == entry
+
+    no_ids = skinscan("evaluate", "--model", str(model), "--data", str(isic_mvb), "--patients", str(box), "--out",
+                      str(tmp_path / "x"))  # fmt: skip
+    assert no_ids.returncode == 2 and "records no patient ids" in no_ids.stderr and "Traceback" not in no_ids.stderr
+    bad_key = skinscan(*args, "--out", str(tmp_path / "y"), "--record", "Locked Box")
+    assert bad_key.returncode == 2 and "--record" in bad_key.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
+
+
+def test_writing_a_model_card_without_onnx_says_how_to_get_it(tmp_path):
+    """As if the onnx package (skinscan[train]) were not installed."""
+    for args in (
+        ["evaluate", "--data", str(EXAMPLES), "--out", str(tmp_path / "r"), "--record", "mine"],
+        ["fit-answers", "--model", "m.onnx", "--oof", "oof.json", "--recipe", "C", "--data", str(EXAMPLES)],
+    ):
+        code = f"import sys; sys.modules['onnx'] = None; from skinscan.cli import main; sys.exit(main({args!r}))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert "pip install 'skinscan[train]'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_batch_and_replicas_without_the_scale_extra_say_how_to_get_it(tmp_path):

@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,14 +245,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .card import resolve_model
+    from .data import read_patient_list
+    from .evaluate import evaluate, record_in_card
 
+    if args.record and not re.fullmatch(r"[a-z][a-z0-9_]*", args.record):
+        raise SkinscanError(f"--record {args.record!r}: use a key of lower-case letters, digits and _")
+    if args.record == "validation" or (args.record or "").startswith("validation_"):
+        raise SkinscanError(f"--record {args.record}: the training run's validation metrics live there")
+    if args.record:
+        _require_onnx("--record")
+    patients = read_patient_list(args.patients) if args.patients else None
     report = evaluate(
         args.model,
         _resolve(args, args.data),
         args.out,
         split=args.split,
         run=args.run,
+        patients=patients,
+        patients_from=str(args.patients or ""),
         n_boot=args.bootstrap,
         progress=not args.quiet,
     )
@@ -261,7 +273,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"sens {m.sensitivity:.3f} spec {m.specificity:.3f}  ECE {m.ece:.4f}"
         )
     print(f"report: {report.out_dir / 'report.md'}")
+    if args.record:
+        path = resolve_model(args.model)
+        record_in_card(report, path, args.record)
+        print(f"recorded in the model card of {path} as metrics.{args.record}")
     return 0
+
+
+def _require_onnx(what: str) -> None:
+    """Writing a model card needs the `onnx` package (skinscan[train]): say so before any work."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise SkinscanError(
+            f"{what} writes the model card, which needs the onnx package: pip install 'skinscan[train]'"
+        ) from None
 
 
 # ---------------------------------------------------------------- export
@@ -421,6 +447,7 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
     from .answers import Answers, fit_answer_adjustments, read_oof_logits, section_rows, store_section
     from .data import load_dataset, read_patient_list
 
+    _require_onnx("fit-answers")
     data = _resolve(args, args.data)
     records = {f"{r.source}/{r.key}": r for r in load_dataset(data)}
     recipe, oof = read_oof_logits(args.oof, args.recipe)
@@ -683,6 +710,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="auto", help="split folder to score (default: test if present)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--run", help="training run folder, to plot its training curves")
+    p.add_argument(
+        "--patients",
+        metavar="FILE",
+        help="score only these patients' photos (one id per line; e.g. splits/pad-ufes-20-phone-lockbox.txt)",
+    )
+    p.add_argument(
+        "--record",
+        metavar="KEY",
+        help="also store the metrics in the model's card as metrics.KEY (e.g. locked_box), where they travel "
+        "with the model; rewrites the model file (needs the onnx package)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)

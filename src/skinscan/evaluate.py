@@ -1,7 +1,9 @@
 """evaluate(model, dataset) -> metrics.json, predictions.csv, plots and a Markdown report.
 
 Metrics per subset (for isic-mvb test: all 660 and the 646 without near-duplicates in train), with
-bootstrap 95% intervals that resample whole patients where the dataset records them.
+bootstrap 95% intervals that resample whole patients where the dataset records them. `patients` scores
+only those patients' photos (the phone set's locked box: `splits/pad-ufes-20-phone-lockbox.txt`), and
+`record_in_card` stores a report in the model card's `metrics`, where the model's figures travel with it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +32,24 @@ class EvalReport:
     model: dict
     subsets: dict[str, BinaryMetrics]
     n_errors: int
+    data: dict  # what was scored: dataset, split, patients, n_images, n_unreadable, n_quality_retake
 
 
-def load_eval_records(data: str | Path, split: str | None = "auto") -> dict[str, list[Record]]:
-    """Named subsets to score. A dataset with train/test folders gives `all` and `deleaked` test sets."""
+def load_eval_records(
+    data: str | Path, split: str | None = "auto", patients: Collection[str] | None = None
+) -> dict[str, list[Record]]:
+    """Named subsets to score. A dataset with train/test folders gives `all` and `deleaked` test sets.
+    With `patients`, only the photos of those patients."""
     root = Path(data)
     if split == "auto":
         split = "test" if (root / "test").is_dir() else None
     records = load_dataset(root, split=split)
+    if patients is not None:
+        if not any(r.patient for r in records):
+            raise DatasetError(f"{root.name} records no patient ids: it cannot be restricted to a patient list")
+        records = [r for r in records if r.patient in patients]
+        if not records:
+            raise DatasetError(f"none of the {len(patients)} listed patients has a photo in {root.name}")
     subsets = {"all": records}
     if split and split != "train" and (root / "train").is_dir():
         clean = without_leaks(records, load_dataset(root, split="train"))
@@ -72,13 +84,17 @@ def evaluate(
     *,
     split: str | None = "auto",
     run: str | Path | None = None,
+    patients: Collection[str] | None = None,
+    patients_from: str = "",
     n_boot: int = 1000,
     progress: bool = True,
 ) -> EvalReport:
+    """Score `data` with `model`; `patients` restricts it to those patients' photos (`patients_from`: where
+    the list came from, for the report)."""
     predictor = model if isinstance(model, Predictor) else Predictor(model)
     out = Path(out)
+    subsets = load_eval_records(data, split, patients)
     out.mkdir(parents=True, exist_ok=True)
-    subsets = load_eval_records(data, split)
     records = subsets["all"]
     probs, preds = score(predictor, records, progress)
     n_errors = int(np.isnan(probs).sum())
@@ -111,6 +127,7 @@ def evaluate(
         "data": {
             "dataset": str(data),
             "split": split,
+            **({"patients": len(patients), "patients_from": patients_from} if patients is not None else {}),
             "n_images": len(records),
             "n_unreadable": n_errors,
             "n_quality_retake": sum(p.quality == "retake" for p in preds),
@@ -122,7 +139,29 @@ def evaluate(
     history = _read_history(Path(run)) if run else None
     figures = _plots(out, curves, history)
     _write_report(out, payload, results, figures)
-    return EvalReport(out, payload["model"], results, n_errors)
+    return EvalReport(out, payload["model"], results, n_errors, payload["data"])
+
+
+def record_in_card(report: EvalReport, model_path: str | Path, key: str) -> dict:
+    """Store `report` in the card of the model at `model_path` (which must be the model that was scored) as
+    `metrics[key]`: what was scored and the metrics of each subset. Returns the entry."""
+    from .card import ModelCard, sha256_file, write_card
+
+    model_path = Path(model_path)
+    if sha256_file(model_path) != report.model["sha256"]:
+        raise SkinscanError(f"{model_path} is not the model this report scored ({report.model['path']})")
+    predictor = Predictor(model_path)
+    card = predictor.card.model_dump()
+    del predictor  # release the file before rewriting it
+    data = report.data
+    entry = {
+        "dataset": Path(data["dataset"]).name,
+        **{k: data[k] for k in ("split", "patients", "patients_from", "n_quality_retake") if k in data},
+        "subsets": {k: v.to_dict() for k, v in report.subsets.items()},
+    }
+    card.setdefault("metrics", {})[key] = entry
+    write_card(model_path, ModelCard(**card).model_dump())
+    return entry
 
 
 def _write_predictions(path: Path, records: Sequence[Record], preds: Sequence) -> None:
@@ -242,8 +281,14 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
             else ""
         )
         + ".",
-        f"Images: {payload['data']['n_images']} ({payload['data']['n_unreadable']} unreadable; "
-        f"{payload['data']['n_quality_retake']} flagged for a retake by the quality gate, scored anyway).",
+        f"Images: {payload['data']['n_images']}"
+        + (
+            f", those of the {d['patients']} patients listed in {d['patients_from'] or 'the patient list'}"
+            if "patients" in (d := payload["data"])
+            else ""
+        )
+        + f" ({d['n_unreadable']} unreadable; {d['n_quality_retake']} flagged for a retake by the quality gate, "
+        "scored anyway).",
         "",
         "| subset | n (malignant) | ROC AUC [95% CI] | sensitivity | specificity | accuracy | ECE (15 bins) "
         "| ECE if calibrated | Brier |",

@@ -299,21 +299,11 @@ def export(
 
 
 def record_test_metrics(onnx_path: Path, data: Path, report_dir: Path) -> dict:
-    """Score `data`'s test split with the exported model and store the metrics in its card."""
-    from .card import ModelCard
-    from .evaluate import evaluate
-    from .predict import Predictor
+    """Score `data`'s test split with the exported model and store the metrics in its card (`metrics.test`)."""
+    from .evaluate import evaluate, record_in_card
 
-    predictor = Predictor(onnx_path)
-    report = evaluate(predictor, data, report_dir, split="auto", progress=False)
-    card = predictor.card.model_dump()
-    card.setdefault("metrics", {})["test"] = {
-        "dataset": Path(data).name,
-        "subsets": {k: v.to_dict() for k, v in report.subsets.items()},
-    }
-    del predictor  # release the file before rewriting it
-    write_card(Path(onnx_path), ModelCard(**card).model_dump())
-    return card["metrics"]["test"]
+    report = evaluate(onnx_path, data, report_dir, split="auto", progress=False)
+    return record_in_card(report, onnx_path, "test")
 
 
 if TYPE_CHECKING:
