@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from skinscan.predict import Predictor  # noqa: E402
 from skinscan.preprocess import load_pixels, normalise  # noqa: E402
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +195,10 @@ def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, 
     train_mod.train(load_config(overrides=over), run, progress=False)
     train_mod.train(load_config(overrides={**over, "folds": 2}), cv_run, progress=False)
     args = ["export", str(run), "--out", str(models), "--name", "two", "--photo-types"]
-    assert main([*args, "--thresholds-from", str(cv_run), "--dermoscopic-min-probability", "0.8"]) == 0
+    gate = ["--gate", str(REPO / "tests" / "assets" / "nonlesion" / "tune")]
+    assert main([*args, "--thresholds-from", str(cv_run), "--dermoscopic-min-probability", "0.8", *gate]) == 0
     printed = capsys.readouterr().out
+    assert "quality gate stored in the model card" in printed
     section = json.loads((models / "two.card.json").read_text())["photo_types"]
     target = load_config(overrides=over).target_sensitivity
     with (cv_run / "oof.csv").open(newline="") as f:
@@ -213,4 +217,6 @@ def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, 
     assert predictor.photo_types.thresholds == {t: section["types"][t]["threshold"] for t in section["types"]}
     assert predictor.photo_types.dermoscopic_min_probability == section["probe"]["dermoscopic_min_probability"] == 0.8
     assert "P(dermoscopic) >= 0.8" in printed
+    gate_fit = json.loads((models / "two.card.json").read_text())["quality_gate"]["fit"]
+    assert gate_fit["unreadable_train_images"] == 0 and gate_fit["nonlesion_dir"].endswith("nonlesion/tune")
     assert str(cv_run) in section["threshold_rule"]

@@ -347,11 +347,11 @@ def add_quality_gate(
     if "embedding" not in [o.name for o in predictor.session.get_outputs()]:
         raise SkinscanError(f"{onnx_path} has no `embedding` output: re-export it with this skinscan")
 
-    train_emb, kept = _embed(predictor, list(train_image_paths), "training", batch_size, progress)
-    nonlesion_emb, _ = _embed(predictor, nonlesion, "non-lesion", batch_size, progress)
+    train, kept = _infer(predictor, list(train_image_paths), "training", batch_size, progress)
+    nonlesion_out, _ = _infer(predictor, nonlesion, "non-lesion", batch_size, progress)
     section = fit_quality_gate(
-        train_emb,
-        nonlesion_emb,
+        train["embedding"],
+        nonlesion_out["embedding"],
         train_sources=None if sources is None else [sources[i] for i in kept],
         train_groups=None if groups is None else [groups[i] for i in kept],
         nonlesion_groups=[_picture(p) for p in nonlesion],
@@ -368,15 +368,6 @@ def add_quality_gate(
 def _picture(path: Path) -> str:
     """The source picture of a non-lesion image: benchmarks/make_nonlesion_set.py names crops NAME-cropN."""
     return re.sub(r"-(full|crop\d+)$", "", path.stem)
-
-
-def _embed(
-    predictor: Predictor, paths: Sequence[str | Path], what: str, batch_size: int, progress: bool
-) -> tuple[np.ndarray, list[int]]:
-    """The model's `embedding` output for `paths` (through the Predictor's preprocessing), and the indices
-    of the images that could be read."""
-    outputs, kept = _infer(predictor, paths, what, batch_size, progress)
-    return outputs["embedding"], kept
 
 
 def _infer(
