@@ -116,16 +116,23 @@ def test_evaluate_scores_a_patient_list_and_records_it_in_the_model_card(tmp_pat
 
 
 def test_writing_a_model_card_without_onnx_says_how_to_get_it(tmp_path):
-    """As if the onnx package (skinscan[train]) were not installed."""
-    for args in (
-        ["evaluate", "--data", str(EXAMPLES), "--out", str(tmp_path / "r"), "--record", "mine"],
-        ["fit-answers", "--model", "m.onnx", "--oof", "oof.json", "--recipe", "C", "--data", str(EXAMPLES)],
-    ):
-        code = f"import sys; sys.modules['onnx'] = None; from skinscan.cli import main; sys.exit(main({args!r}))"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2, out.stderr
-        assert "pip install 'skinscan[train]'" in out.stderr and "Traceback" not in out.stderr
-    assert not (tmp_path / "r").exists()
+    """As if the onnx package (skinscan[train]) were not installed: `evaluate --record` says so before it
+    scores anything, and every card writer (fit-answers, export's sections) through `write_card`."""
+    no_onnx = "import sys; sys.modules['onnx'] = None; "
+    args = ["evaluate", "--data", str(EXAMPLES), "--out", str(tmp_path / "r"), "--record", "mine"]
+    code = no_onnx + f"from skinscan.cli import main; sys.exit(main({args!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "writing the model card needs the 'train' extra" in out.stderr
+    assert "pip install 'skinscan[train]'" in out.stderr and not (tmp_path / "r").exists()
+
+    code = no_onnx + (
+        "from skinscan.card import write_card; from skinscan.errors import MissingExtra\n"
+        f"try:\n    write_card({str(tmp_path / 'm.onnx')!r}, {{}})\n"
+        "except MissingExtra as exc:\n    print(exc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "writing the model card needs the 'train' extra" in out.stdout, out.stderr
 
 
 def test_batch_and_replicas_without_the_scale_extra_say_how_to_get_it(tmp_path):

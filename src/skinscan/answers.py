@@ -623,7 +623,6 @@ def read_oof_logits(path: str | Path, recipe: str) -> tuple[str, dict[str, tuple
 def store_section(onnx_path: str | Path, section: dict) -> Path:
     """Write `section` into the model's card (key `answers`), inside the ONNX file and beside it."""
     from .card import ModelCard, write_card
-    from .errors import MissingExtra
     from .predict import Predictor
 
     onnx_path = Path(onnx_path)
@@ -632,10 +631,7 @@ def store_section(onnx_path: str | Path, section: dict) -> Path:
     card = predictor.card.model_dump()
     card[CARD_KEY] = section
     del predictor  # release the file before rewriting it
-    try:
-        return write_card(onnx_path, ModelCard(**card).model_dump())
-    except ImportError as exc:
-        raise MissingExtra("train", "writing the model card", exc) from None
+    return write_card(onnx_path, ModelCard(**card).model_dump())
 
 
 def section_rows(section: Mapping[str, Any]) -> list[tuple[str, str, float, int, int]]:

@@ -109,8 +109,19 @@ def card_from_metadata(metadata: dict[str, str], where: str) -> ModelCard:
     return card
 
 
+def require_card_writer() -> None:
+    """Writing a card needs the `onnx` package (the `train` extra): a clear error, to call before long work."""
+    from .errors import MissingExtra
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra("train", "writing the model card", exc) from None
+
+
 def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:
     """Store `card` inside the ONNX file and beside it as `<name>.card.json` (needs the `onnx` package)."""
+    require_card_writer()
     import onnx
 
     ModelCard(**card)  # validate before writing anything

@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .card import resolve_model
+    from .card import require_card_writer, resolve_model
     from .data import read_patient_list
     from .evaluate import evaluate, record_in_card
 
@@ -254,7 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.record == "validation" or (args.record or "").startswith("validation_"):
         raise SkinscanError(f"--record {args.record}: the training run's validation metrics live there")
     if args.record:
-        _require_onnx("--record")
+        require_card_writer()  # before the scoring, not after it
     patients = read_patient_list(args.patients) if args.patients else None
     report = evaluate(
         args.model,
@@ -280,19 +280,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_onnx(what: str) -> None:
-    """Writing a model card needs the `onnx` package (skinscan[train]): say so before any work."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise SkinscanError(
-            f"{what} writes the model card, which needs the onnx package: pip install 'skinscan[train]'"
-        ) from None
-
-
 # ---------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, record_test_metrics, validation_image_paths
+    from .phototype import DERMOSCOPIC_MIN_PROBABILITY
 
     runs = [Path(r) for r in args.run]
     run = runs[0]  # an ensemble's runs share their training and validation images
@@ -304,6 +295,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SkinscanError("--dermoscopic-min-probability sets how photo types are told apart: add --photo-types")
     if q is not None and not 0 < q < 1:
         raise SkinscanError(f"--dermoscopic-min-probability must lie between 0 and 1, not {q:g}")
+    if q is None:
+        q = DERMOSCOPIC_MIN_PROBABILITY
     # their errors before the export's work
     cv = _cv_thresholds(run, Path(args.thresholds_from)) if args.thresholds_from else None
     split = _photo_type_split(run) if args.photo_types else None
@@ -384,9 +377,7 @@ def _cv_thresholds(run: Path, cv_run: Path) -> dict:
     return cv
 
 
-def _add_photo_types(
-    path: Path, train: list, val: list, cv: dict | None = None, dermoscopic_min_probability: float | None = None
-) -> None:
+def _add_photo_types(path: Path, train: list, val: list, cv: dict | None, dermoscopic_min_probability: float) -> None:
     from .export import add_photo_types
     from .phototype import SOURCE_PHOTO_TYPE
 
@@ -447,7 +438,6 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
     from .answers import Answers, fit_answer_adjustments, read_oof_logits, section_rows, store_section
     from .data import load_dataset, read_patient_list
 
-    _require_onnx("fit-answers")
     data = _resolve(args, args.data)
     records = {f"{r.source}/{r.key}": r for r in load_dataset(data)}
     recipe, oof = read_oof_logits(args.oof, args.recipe)

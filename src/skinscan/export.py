@@ -18,6 +18,7 @@ import numpy as np
 from .card import CARD_FORMAT, INTENDED_USE, KNOWN_LIMITS, write_card
 from .config import TrainConfig, load_config
 from .errors import ModelLoadError, SkinscanError
+from .phototype import DERMOSCOPIC_MIN_PROBABILITY
 
 try:
     import torch
@@ -408,7 +409,7 @@ def add_photo_types(
     val_types: Sequence[str],
     *,
     cv: Mapping[str, Any] | None = None,
-    dermoscopic_min_probability: float | None = None,
+    dermoscopic_min_probability: float = DERMOSCOPIC_MIN_PROBABILITY,
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict:
@@ -416,10 +417,9 @@ def add_photo_types(
     (`photo_types`): the type probe on the training photos' embeddings, a temperature per detected type on
     the validation photos' logits, both from the exported model itself; the thresholds per type from `cv`
     (`phototype.cv_thresholds`) if given, else the run's one boundary. A photo is judged as dermoscopic
-    where the probe's P(dermoscopic) reaches `dermoscopic_min_probability` (default
-    `phototype.DERMOSCOPIC_MIN_PROBABILITY`). Returns the card section."""
+    where the probe's P(dermoscopic) reaches `dermoscopic_min_probability`. Returns the card section."""
     from .card import ModelCard
-    from .phototype import CARD_SECTION, DERMOSCOPIC_MIN_PROBABILITY, fit_photo_types
+    from .phototype import CARD_SECTION, fit_photo_types
     from .predict import Predictor
 
     onnx_path = Path(onnx_path)
@@ -439,9 +439,7 @@ def add_photo_types(
         temperature=predictor.card.temperature,
         threshold=predictor.card.threshold,
         cv=cv,
-        dermoscopic_min_probability=DERMOSCOPIC_MIN_PROBABILITY
-        if dermoscopic_min_probability is None
-        else dermoscopic_min_probability,
+        dermoscopic_min_probability=dermoscopic_min_probability,
     )
     card = predictor.card.model_dump()
     card[CARD_SECTION] = section
