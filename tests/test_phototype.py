@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from skinscan.errors import ModelLoadError
-from skinscan.metrics import sigmoid
+from skinscan.metrics import expected_calibration_error, roc_auc, sigmoid
 from skinscan.phototype import CARD_SECTION, PhotoTypes, cv_thresholds, fit_photo_types
 from skinscan.predict import Predictor
 
@@ -66,7 +66,8 @@ def test_thresholds_from_cross_validation_keep_the_target_on_each_source():
     derm = _oof(rng, 3000, [1.0, 1.5, 2.0], "isic-mvb", 3.0)
     phone = _oof(rng, 2400, [2.0, 4.0, 3.0], "pad-ufes-20-phone", 1.5)  # harder: less separable
     folds, sources, labels, logits = (np.concatenate([a, b]) for a, b in zip(derm, phone, strict=True))
-    cv = cv_thresholds(folds, sources, labels, logits, target=0.9, run="cv-run")
+    patients = [f"p{i // 2}" for i in range(len(folds))]  # two photos per patient
+    cv = cv_thresholds(folds, sources, labels, logits, target=0.9, run="cv-run", groups=patients, n_boot=200)
     assert set(cv["types"]) == {"dermoscopic", "phone"} and "0.9" in cv["rule"] and "cv-run" in cv["rule"]
     for t, scales, data in (("dermoscopic", [1.0, 1.5, 2.0], derm), ("phone", [2.0, 4.0, 3.0], phone)):
         got = cv["types"][t]
@@ -79,6 +80,11 @@ def test_thresholds_from_cross_validation_keep_the_target_on_each_source():
         sens = (p[y == 1] >= got["threshold"]).mean()
         assert sens >= 0.9 and sens == pytest.approx(got["cross_validation"]["sensitivity"])
         assert (p[y == 1] >= np.nextafter(got["threshold"], 1)).mean() < 0.9  # the highest such threshold
+        # the pooled out-of-fold figures of the source, with an interval
+        c = got["cross_validation"]
+        assert c["auc"] == pytest.approx(roc_auc(y, p)) and c["auc_ci"][0] < c["auc"] < c["auc_ci"][1]
+        assert c["ece"] == pytest.approx(expected_calibration_error(y, p))
+        assert c["ece"] < 0.05  # each fold's own temperature calibrates it (the data are calibrated by design)
     # the less separable phone photos need a lower probability to keep the same sensitivity
     assert cv["types"]["phone"]["threshold"] < cv["types"]["dermoscopic"]["threshold"]
 

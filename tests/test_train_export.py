@@ -213,6 +213,7 @@ def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, 
         y = np.array([int(r["label"]) for r in mine])
         assert (p[y == 1] >= thr).mean() >= target
         assert f"{t} threshold {thr:.3f}" in printed
+        assert cv["auc_ci"][0] <= cv["auc"] <= cv["auc_ci"][1] and f"AUC {cv['auc']:.3f}" in printed
     predictor = Predictor(models / "two.onnx")
     assert predictor.photo_types.thresholds == {t: section["types"][t]["threshold"] for t in section["types"]}
     assert predictor.photo_types.dermoscopic_min_probability == section["probe"]["dermoscopic_min_probability"] == 0.8

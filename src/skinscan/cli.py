@@ -367,12 +367,14 @@ def _cv_thresholds(run: Path, cv_run: Path) -> dict:
         [float(r["logit"]) for r in rows],
         target=target,
         run=str(cv_run),
+        groups=[r["patient"] or f"{r['source']}/{r['key']}" for r in rows],  # patients where recorded
     )
     for t, v in cv["types"].items():
         c = v["cross_validation"]
         print(
             f"{t} threshold {v['threshold']:.3f}: out-of-fold sensitivity {c['sensitivity']:.3f}, specificity "
-            f"{c['specificity']:.3f} on {c['n']} {c['source']} photos ({c['n_malignant']} malignant)"
+            f"{c['specificity']:.3f} on {c['n']} {c['source']} photos ({c['n_malignant']} malignant); AUC "
+            f"{c['auc']:.3f} [{c['auc_ci'][0]:.3f}, {c['auc_ci'][1]:.3f}], ECE {c['ece']:.3f}"
         )
     return cv
 

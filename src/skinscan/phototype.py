@@ -246,16 +246,21 @@ def cv_thresholds(
     *,
     target: float,
     run: str = "",
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
 ) -> dict:
     """A threshold per photo type from cross-validated predictions (`oof.csv` of a K-fold run: every photo
     scored by the fold model that did not train on it). Each fold model's logits of one source are put on a
     calibrated scale by their own temperature (fitted on that fold's photos of the source; fold models differ
     in scale), the folds are pooled, and the type's threshold is the highest calibrated probability that
     keeps the pooled sensitivity >= `target`: a probability, so it carries over to the model that ships,
-    whose own per-type temperature puts its logits on the same calibrated scale."""
-    from .metrics import threshold_for_sensitivity
+    whose own per-type temperature puts its logits on the same calibrated scale. Each type's evidence also
+    gives the pooled out-of-fold AUC (bootstrap interval resampling `groups`, e.g. patients, where given)
+    and ECE: the cross-validated figures of the recipe, per source."""
+    from .metrics import binary_metrics, threshold_for_sensitivity
 
     folds, sources = np.asarray(folds), np.asarray(sources)
+    groups = np.asarray(groups) if groups is not None else np.arange(len(folds)).astype(str)
     labels, logits = np.asarray(labels).astype(int), np.asarray(logits, dtype=np.float64)
     unknown = sorted(set(sources) - set(SOURCE_PHOTO_TYPE))
     if unknown:
@@ -268,7 +273,7 @@ def cv_thresholds(
         t = SOURCE_PHOTO_TYPE[source]
         if t in types:
             raise SkinscanError(f"two sources hold {t} photos: the threshold per type needs one source per type")
-        probs, ys, fold_temps = [], [], {}
+        probs, ys, gs, fold_temps = [], [], [], {}
         for f in np.unique(folds):
             m = (folds == f) & (sources == source)
             if len(np.unique(labels[m])) < 2:
@@ -277,16 +282,22 @@ def cv_thresholds(
             fold_temps[str(int(f))] = temp
             probs.append(sigmoid(logits[m] / temp))
             ys.append(labels[m])
+            gs.append(groups[m])
         p, y = np.concatenate(probs), np.concatenate(ys)
         thr = threshold_for_sensitivity(y, p, target)
+        pooled = binary_metrics(y, p, thr, list(np.concatenate(gs)), n_boot=n_boot)
         types[t] = {
             "threshold": thr,
             "cross_validation": {
                 "source": source,
                 "n": len(y),
                 "n_malignant": int(y.sum()),
-                "sensitivity": float((p[y == 1] >= thr).mean()),
-                "specificity": float((p[y == 0] < thr).mean()),
+                "sensitivity": pooled.sensitivity,
+                "specificity": pooled.specificity,
+                "auc": pooled.auc,
+                "auc_ci": list(pooled.auc_ci),
+                "ece": pooled.ece,
+                "ece_if_calibrated": list(pooled.ece_if_calibrated),
                 "fold_temperatures": fold_temps,
             },
         }
