@@ -103,6 +103,7 @@ def test_evaluate_scores_a_patient_list_and_records_it_in_the_model_card(tmp_pat
     entry = card.metrics["locked_box"]
     assert entry["subsets"] == metrics["subsets"] and entry["patients"] == len(patients)
     assert entry["dataset"] == pad_ufes.name and entry["patients_from"] == str(box)
+    assert entry["split"] is None  # no split folders: every photo of those patients
     others = {k: v for k, v in card.metrics.items() if k != "locked_box"}
     assert others == {k: v for k, v in before.items() if k != "locked_box"} and "test" in others  # kept as is
     assert json.loads(model.with_suffix(".card.json").read_text())["metrics"]["locked_box"] == entry

@@ -35,14 +35,20 @@ class EvalReport:
     data: dict  # what was scored: dataset, split, patients, n_images, n_unreadable, n_quality_retake
 
 
+def resolve_split(data: str | Path, split: str | None) -> str | None:
+    """`auto`: the dataset's `test` folder if it has one, else all its images (None)."""
+    if split == "auto":
+        return "test" if (Path(data) / "test").is_dir() else None
+    return split
+
+
 def load_eval_records(
     data: str | Path, split: str | None = "auto", patients: Collection[str] | None = None
 ) -> dict[str, list[Record]]:
     """Named subsets to score. A dataset with train/test folders gives `all` and `deleaked` test sets.
     With `patients`, only the photos of those patients."""
     root = Path(data)
-    if split == "auto":
-        split = "test" if (root / "test").is_dir() else None
+    split = resolve_split(root, split)
     records = load_dataset(root, split=split)
     if patients is not None:
         if not any(r.patient for r in records):
@@ -126,7 +132,7 @@ def evaluate(
         },
         "data": {
             "dataset": str(data),
-            "split": split,
+            "split": resolve_split(data, split),
             **({"patients": len(patients), "patients_from": patients_from} if patients is not None else {}),
             "n_images": len(records),
             "n_unreadable": n_errors,
