@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_phone import full_frame
 from skinscan.data import load_dataset, read_patient_list, without_leaks
+from skinscan.evaluate import by_skin_type
 from skinscan.metrics import binary_metrics, bootstrap_auc_ci, roc_auc
 from skinscan.predict import Predictor
 
@@ -106,18 +107,8 @@ def main() -> None:
                 )
             },
         }
-        # skin types recorded with the photo (fitspatrick); AUC where both classes are present
-        by_type = defaultdict(list)
-        for i, r in enumerate(lock):
-            by_type[r.meta.get("fitspatrick") or "not recorded"].append(i)
-        entry["lockbox_by_skin_type"] = {
-            t: {
-                "n": len(ix),
-                "n_malignant": int(y_lock[ix].sum()),
-                "auc": roc_auc(y_lock[ix], p_lock[ix]) if 0 < y_lock[ix].sum() < len(ix) else None,
-            }
-            for t, ix in sorted(by_type.items())
-        }
+        # skin types recorded with the photo (Fitzpatrick); AUC where both classes are present
+        entry["lockbox_by_skin_type"] = by_skin_type(lock, p_lock, t_lock)
         entry["lockbox_ink"] = {
             name: {
                 "n": int(m.sum()),

@@ -71,6 +71,7 @@ def test_evaluate_writes_metrics_report_and_plots(tmp_path, isic_mvb):
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(metrics["subsets"]) == {"all", "deleaked"}
     assert metrics["subsets"]["all"]["n"] == 660 and metrics["subsets"]["deleaked"]["n"] == 646
+    assert "by_skin_type" not in metrics  # the archive records no skin types
     for plot in ("roc.png", "pr.png", "confusion.png", "reliability.png"):
         assert (tmp_path / "rep" / plot).stat().st_size > 1000
     report = (tmp_path / "rep" / "report.md").read_text()
@@ -104,6 +105,8 @@ def test_evaluate_scores_a_patient_list_and_records_it_in_the_model_card(tmp_pat
     assert entry["subsets"] == metrics["subsets"] and entry["patients"] == len(patients)
     assert entry["dataset"] == pad_ufes.name and entry["patients_from"] == str(box)
     assert entry["split"] is None  # no split folders: every photo of those patients
+    skin = metrics["by_skin_type"]  # the phone set records skin types
+    assert sum(e["n"] for e in skin.values()) == len(photos) and entry["by_skin_type"] == skin
     others = {k: v for k, v in card.metrics.items() if k != "locked_box"}
     assert others == {k: v for k, v in before.items() if k != "locked_box"} and "test" in others  # kept as is
     assert json.loads(model.with_suffix(".card.json").read_text())["metrics"]["locked_box"] == entry

@@ -248,3 +248,35 @@ def test_binary_metrics_single_class_gives_nan_not_an_error() -> None:
     assert np.isnan(m.auc) and np.isnan(m.sensitivity)
     assert all(np.isnan(v) for v in m.auc_ci)
     assert m.specificity == pytest.approx(2 / 3)
+
+
+def test_figures_per_recorded_skin_type():
+    from pathlib import Path
+
+    from skinscan.data import Record
+    from skinscan.evaluate import by_skin_type
+
+    rng = np.random.default_rng(5)
+    levels = ["2.0"] * 60 + ["1"] * 30 + [""] * 20 + ["5.0"] * 3  # as the phone set writes them
+    labels = [int(rng.random() < 0.5) for _ in levels[:90]] + [0] * 20 + [1] * 3
+    records = [
+        Record(Path(f"{i}.jpg"), y, "phone", f"{i}.jpg", patient=f"P{i // 2}", meta={"fitspatrick": v})
+        for i, (v, y) in enumerate(zip(levels, labels, strict=True))
+    ]
+    p = np.clip(np.array(labels) * 0.3 + rng.random(len(labels)) * 0.7, 0, 1)
+    t = np.full(len(p), 0.5)
+    got = by_skin_type(records, p, t, n_boot=100)
+    assert list(got) == ["1", "2", "5", "not recorded"]  # "2.0" and "2" are one type; unrecorded last
+    for level, ix in (("1", slice(60, 90)), ("2", slice(0, 60))):
+        y = np.array(labels[ix])
+        assert got[level]["n"] == len(y) and got[level]["n_malignant"] == y.sum()
+        assert got[level]["auc"] == pytest.approx(roc_auc(y, p[ix]))
+        assert got[level]["auc_ci"][0] <= got[level]["auc"] <= got[level]["auc_ci"][1]
+        assert got[level]["sensitivity"] == pytest.approx((p[ix][y == 1] >= 0.5).mean())
+    # one class only: no AUC, the one rate that exists
+    assert got["not recorded"] == {"n": 20, "n_malignant": 0, "specificity": float((p[90:110] < 0.5).mean())}
+    assert got["5"] == {"n": 3, "n_malignant": 3, "sensitivity": float((p[110:] >= 0.5).mean())}
+    assert (
+        by_skin_type(records[:5], p[:5], t[:5]) != {}
+        and by_skin_type([Record(Path("a.jpg"), 1, "isic", "a.jpg")], p[:1], t[:1]) == {}
+    )  # nothing recorded: no table

@@ -27,6 +27,22 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".h
 CLASS_DIRS = {"benign": 0, "malignant": 1}
 
 
+# what the phone set records about each photo (its columns), as the model card and the evaluation name it
+META_FIELDS = {"skin_type_fitzpatrick": "fitspatrick", "body_site": "region", "diagnosis": "diagnostic"}
+
+
+def meta_level(value: object) -> str:
+    """A recorded value as a label: "2.0" -> "2"; blank -> "not recorded"."""
+    text = str(value or "").strip()
+    if not text:
+        return "not recorded"
+    try:
+        number = float(text)
+    except ValueError:
+        return text.lower()
+    return str(int(number)) if number.is_integer() else text.lower()
+
+
 @dataclass(frozen=True)
 class Record:
     """One labelled image. `key` is unique within its dataset; `group` keeps related images together."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Record, load_dataset, without_leaks
+from .data import META_FIELDS, Record, load_dataset, meta_level, without_leaks
 from .errors import DatasetError, SkinscanError
 from .metrics import BinaryMetrics, binary_metrics, reliability_bins
 from .predict import Predictor
@@ -33,6 +33,7 @@ class EvalReport:
     subsets: dict[str, BinaryMetrics]
     n_errors: int
     data: dict  # what was scored: dataset, split, patients, n_images, n_unreadable, n_quality_retake
+    by_skin_type: dict[str, dict]  # the `all` subset per recorded Fitzpatrick skin type ({} if none recorded)
 
 
 def resolve_split(data: str | Path, split: str | None) -> str | None:
@@ -40,6 +41,33 @@ def resolve_split(data: str | Path, split: str | None) -> str | None:
     if split == "auto":
         return "test" if (Path(data) / "test").is_dir() else None
     return split
+
+
+def by_skin_type(
+    records: Sequence[Record], probs: np.ndarray, thresholds: np.ndarray, n_boot: int = 1000
+) -> dict[str, dict]:
+    """Figures per Fitzpatrick skin type where the dataset records it (the phone set), types in order and
+    "not recorded" last: n and cancers always; AUC with its patient-grouped interval, sensitivity,
+    specificity and ECE where both classes occur, else the one rate that exists. {} if no type is recorded."""
+    types = [meta_level(r.meta.get(META_FIELDS["skin_type_fitzpatrick"])) for r in records]
+    if all(t == "not recorded" for t in types):
+        return {}
+    y, p, t = np.array([r.label for r in records]), np.asarray(probs, dtype=float), np.asarray(thresholds)
+    out = {}
+    for level in sorted(set(types), key=lambda v: (v == "not recorded", v)):
+        ix = np.array([i for i, v in enumerate(types) if v == level])
+        yy, refer = y[ix], p[ix] >= t[ix]
+        entry: dict = {"n": len(ix), "n_malignant": int(yy.sum())}
+        if 0 < yy.sum() < len(ix):
+            m = binary_metrics(yy, p[ix], t[ix], [records[i].patient or records[i].group for i in ix], n_boot=n_boot)
+            entry |= {"auc": m.auc, "auc_ci": list(m.auc_ci), "sensitivity": m.sensitivity}
+            entry |= {"specificity": m.specificity, "ece": m.ece}
+        elif yy.any():
+            entry["sensitivity"] = float(refer.mean())
+        else:
+            entry["specificity"] = float((~refer).mean())
+        out[level] = entry
+    return out
 
 
 def load_eval_records(
@@ -120,6 +148,8 @@ def evaluate(
             raise DatasetError(f"subset {name!r} holds one class only: AUC is undefined")
         results[name] = binary_metrics(y, p, thresholds, groups, n_boot=n_boot)
         curves[name] = (y, p, thresholds)
+        if name == "all":
+            skin = by_skin_type([r for _, r, _ in scored], p, thresholds, n_boot=n_boot)
 
     _write_predictions(out / "predictions.csv", records, preds)
     payload = {
@@ -139,13 +169,14 @@ def evaluate(
             "n_quality_retake": sum(p.quality == "retake" for p in preds),
         },
         "subsets": {k: v.to_dict() for k, v in results.items()},
+        **({"by_skin_type": skin} if skin else {}),
         "reliability": {k: reliability_bins(*curves[k][:2]) for k in curves},
     }
     (out / "metrics.json").write_text(json.dumps(payload, indent=2))
     history = _read_history(Path(run)) if run else None
     figures = _plots(out, curves, history)
     _write_report(out, payload, results, figures)
-    return EvalReport(out, payload["model"], results, n_errors, payload["data"])
+    return EvalReport(out, payload["model"], results, n_errors, payload["data"], skin)
 
 
 def record_in_card(report: EvalReport, model_path: str | Path, key: str) -> dict:
@@ -164,6 +195,7 @@ def record_in_card(report: EvalReport, model_path: str | Path, key: str) -> dict
         "dataset": Path(data["dataset"]).name,
         **{k: data[k] for k in ("split", "patients", "patients_from", "n_quality_retake") if k in data},
         "subsets": {k: v.to_dict() for k, v in report.subsets.items()},
+        **({"by_skin_type": report.by_skin_type} if report.by_skin_type else {}),
     }
     card.setdefault("metrics", {})[key] = entry
     write_card(model_path, ModelCard(**card).model_dump())
@@ -307,6 +339,18 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
             f"{r.sensitivity:.3f} | {r.specificity:.3f} | {r.accuracy:.3f} | {r.ece:.4f} | "
             f"{mid:.3f} [{lo:.3f}, {hi:.3f}] | {r.brier:.4f} |"
         )
+    if skin := payload.get("by_skin_type"):
+        lines += ["", "By Fitzpatrick skin type, as recorded (all images):", ""]
+        lines += [
+            "| skin type | n (malignant) | ROC AUC [95% CI] | sensitivity | specificity |",
+            "|---|---|---|---|---|",
+        ]
+        for level, e in skin.items():
+            auc = f"{e['auc']:.3f} [{e['auc_ci'][0]:.3f}, {e['auc_ci'][1]:.3f}]" if "auc" in e else "- (one class)"
+            rate = {k: f"{e[k]:.3f}" if k in e else "-" for k in ("sensitivity", "specificity")}
+            lines.append(
+                f"| {level} | {e['n']} ({e['n_malignant']}) | {auc} | {rate['sensitivity']} | {rate['specificity']} |"
+            )
     lines += [
         "",
         "Intervals: percentile bootstrap (1000 resamples; whole patients where recorded). ECE if calibrated: the "

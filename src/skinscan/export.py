@@ -90,6 +90,7 @@ def represented(cfg: TrainConfig) -> dict:
     skin types (Fitzpatrick), body sites and diagnoses, with counts. Empty without the datasets."""
     from collections import Counter
 
+    from .data import META_FIELDS, meta_level
     from .errors import DatasetError
     from .train import load_training_records
 
@@ -97,27 +98,15 @@ def represented(cfg: TrainConfig) -> dict:
         records, _ = load_training_records(cfg)
     except (DatasetError, OSError):
         return {}
-    fields = {"skin_type_fitzpatrick": "fitspatrick", "body_site": "region", "diagnosis": "diagnostic"}
     out: dict = {}
     for source in sorted({r.source for r in records}):
         metas = [r.meta for r in records if r.source == source and r.meta]
         if metas:
             out[source] = {
-                name: dict(Counter(_level(m.get(col)) for m in metas).most_common()) for name, col in fields.items()
+                name: dict(Counter(meta_level(m.get(col)) for m in metas).most_common())
+                for name, col in META_FIELDS.items()
             }
     return out
-
-
-def _level(value: object) -> str:
-    """A recorded value as a label: "2.0" -> "2"; blank -> "not recorded"."""
-    text = str(value or "").strip()
-    if not text:
-        return "not recorded"
-    with contextlib.suppress(ValueError):
-        number = float(text)
-        if number.is_integer():
-            return str(int(number))
-    return text.lower()
 
 
 def ensemble_calibration(runs: Sequence[Path]) -> dict:
