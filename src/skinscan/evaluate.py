@@ -137,6 +137,7 @@ def evaluate(
     by_key = {r.key: (p, r, pred.threshold) for r, p, pred in zip(records, probs, preds, strict=True)}
 
     results: dict[str, BinaryMetrics] = {}
+    skin: dict[str, dict] = {}  # per skin type, of the `all` subset
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # labels, probabilities, thresholds
     for name, recs in subsets.items():
         scored = [by_key[r.key] for r in recs if not math.isnan(by_key[r.key][0])]
