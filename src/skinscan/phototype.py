@@ -102,7 +102,7 @@ class PhotoTypes:
     def detect(self, embeddings: np.ndarray) -> list[str]:
         """'dermoscopic' or 'phone' for each row of `embeddings` (N, D): dermoscopic only where the probe's
         P(dermoscopic) reaches `dermoscopic_min_probability`."""
-        return [PHOTO_TYPES[int(s)] for s in self.scores(embeddings) > self.boundary]
+        return _as_types(self.scores(embeddings) > self.boundary)
 
     @property
     def boundary(self) -> float:
@@ -170,8 +170,8 @@ def fit_photo_types(
 
     z_thr = float(temperature * np.log(threshold / (1 - threshold)))
     val_logits, val_labels = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
-    detected = np.array(probe.detect(val_embeddings))
-    at_even_odds = np.array(PHOTO_TYPES)[(probe.scores(val_embeddings) > 0).astype(int)]
+    val_scores = probe.scores(val_embeddings)
+    detected, at_even_odds = (np.array(_as_types(val_scores > b)) for b in (probe.boundary, 0.0))
     truth = np.asarray(val_types)
     types: dict[str, dict] = {}
     for t in PHOTO_TYPES:
@@ -232,6 +232,10 @@ def fit_photo_types(
             "global_threshold": float(threshold),
         },
     }
+
+
+def _as_types(is_phone: np.ndarray) -> list[str]:
+    return [PHOTO_TYPES[int(v)] for v in is_phone]
 
 
 def _confusion(truth: np.ndarray, detected: np.ndarray) -> dict[str, int]:
