@@ -28,6 +28,10 @@ class TrainConfig(BaseModel):
 
     data: list[str] | None = None
     source_weights: dict[str, float] | None = None
+    source_balance: float = Field(default=1.0, ge=0.0, le=1.0)
+    diagnosis_balance: float = Field(default=1.0, ge=0.0, le=1.0)
+    samples_per_epoch: int | None = Field(default=None, gt=0)
+    exclude_sources: list[str] | None = None
     exclude_patients: str | None = None
     folds: int | None = Field(default=None, ge=2, le=20)
     val_fraction: float = Field(gt=0.0, lt=0.5)
@@ -37,6 +41,7 @@ class TrainConfig(BaseModel):
     arch: Literal["efficientnet-lite0", "efficientnet-lite1"]
     image_size: int = Field(ge=64, le=512)
     dropout: float = Field(ge=0.0, lt=1.0)
+    diagnosis_weight: float = Field(default=0.0, ge=0.0)
     color_constancy: Literal["none", "shades-of-gray"]
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=2)

@@ -2,10 +2,15 @@
 
 Three layouts are read:
 - class folders: `ROOT/[SPLIT/]{benign,malignant}/*` (with `manifest.csv` at ROOT when present, as in isic-mvb);
-- a labels CSV: columns `file,malignant`, optional `patient_id`, `lesion_id` (paths relative to the CSV);
+- a labels CSV: columns `file,malignant`, optional `patient_id`, `lesion_id`, `dup_group`, `source` or
+  `collection` (the record's source, e.g. the atlas), `diagnosis_group` or `diagnostic` (the diagnosis class),
+  `fitzpatrick` or `fitspatrick` (skin type); paths relative to the CSV;
 - an ISIC Archive download (`isic image download`): `metadata.csv` with `isic_id` and `benign_malignant`
   (older exports) or `diagnosis_1` = Benign / Malignant / Indeterminate (newer ones).
 Images are keyed by their path relative to the dataset root, never by bare file name.
+
+Every record carries its `source`: the unit that leave-one-source-out holds out as a whole (a dataset, or
+a collection or atlas inside one), and its `dataset` (the folder it was read from, which keys it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import csv
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,49 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 CLASS_DIRS = {"benign": 0, "malignant": 1}
+
+
+# The diagnosis classes of the diagnosis head (the datasets' `diagnosis_group`); order = the head's outputs.
+DIAGNOSES = (
+    "melanoma",
+    "bcc",
+    "scc",
+    "actinic_keratosis",
+    "nevus",
+    "benign_keratosis",
+    "dermatofibroma",
+    "vascular",
+    "other_malignant",
+    "other_benign",
+)
+MALIGNANT_DIAGNOSES = frozenset({"melanoma", "bcc", "scc", "other_malignant"})
+# the phone set's diagnostic codes -> classes
+_DIAGNOSIS_CODES = {
+    "mel": "melanoma",
+    "bcc": "bcc",
+    "scc": "scc",
+    "ack": "actinic_keratosis",
+    "nev": "nevus",
+    "sek": "benign_keratosis",
+}
+# Diagnoses a dataset implies by its class folder where it records none: every benign isic-mvb image is a
+# HAM10000 nevus (its README); its malignant folder mixes diagnoses, so those stay unknown (masked).
+_FOLDER_DIAGNOSES = {"isic-mvb": {0: "nevus"}}
+# Source names as the labels CSVs write them -> short names for configs and reports
+_SOURCE_NAMES = {"HAM10000": "ham10000", "ISIC archive (pre-2019, not HAM)": "isic-archive-pre2019"}
+
+
+def diagnosis_class(value: str | None) -> str | None:
+    """A recorded diagnosis as one of DIAGNOSES (`MEL` -> melanoma); None when blank or unknown."""
+    text = (value or "").strip().lower()
+    text = _DIAGNOSIS_CODES.get(text, text)
+    return text if text in DIAGNOSES else None
+
+
+def source_name(value: str) -> str:
+    """`HAM10000` -> `ham10000`; names already short pass unchanged."""
+    value = value.strip()
+    return _SOURCE_NAMES.get(value, value)
 
 
 # what the phone set records about each photo (its columns), as the model card and the evaluation name it
@@ -57,6 +105,14 @@ class Record:
     group: str = ""
     md5: str | None = None
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    dataset: str = ""  # the folder read; "" = the same as source
+    diagnosis: str | None = None  # one of DIAGNOSES; None = not recorded (the diagnosis loss is masked)
+    skin_type: int | None = None  # Fitzpatrick 1-6 where recorded
+
+    @property
+    def uid(self) -> str:
+        """`dataset/key`: unique across every dataset read together (run files and reports key by it)."""
+        return f"{self.dataset or self.source}/{self.key}"
 
 
 def _bool_label(value: str, where: str) -> int:
@@ -98,6 +154,8 @@ def read_class_folders(root: Path, split: str | None = None) -> list[Record]:
                         split=sp or None,
                         group=f"dup:{dup}" if dup else key,
                         md5=row.get("md5") or None,
+                        dataset=root.name,
+                        diagnosis=_FOLDER_DIAGNOSES.get(root.name, {}).get(label),
                     )
                 )
     return records
@@ -115,7 +173,11 @@ def _read_manifest(path: Path) -> dict[str, dict[str, str]]:
 
 
 def read_labels_csv(csv_path: Path) -> list[Record]:
-    """Columns `file,malignant` (+ optional `patient_id`, `lesion_id`; other columns kept in `meta`)."""
+    """Columns `file,malignant` (+ optional `patient_id`, `lesion_id`, `dup_group`, `source`/`collection`,
+    `diagnosis_group`/`diagnostic`, `fitzpatrick`/`fitspatrick`; every other column is kept in `meta`).
+
+    Groups keep together what must not be split: a patient where recorded; else the images linked by a
+    lesion id or a near-duplicate group (connected: two lesions sharing a near-copy are one group)."""
     csv_path = Path(csv_path)
     root = csv_path.parent
     with csv_path.open(newline="", encoding="utf-8") as fh:
@@ -124,25 +186,62 @@ def read_labels_csv(csv_path: Path) -> list[Record]:
         if missing:
             raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
         records = []
+        links: list[tuple[str, ...]] = []
         for i, row in enumerate(reader, start=2):
             patient = (row.get("patient_id") or "").strip() or None
             lesion_id = (row.get("lesion_id") or "").strip() or None
             lesion = f"{patient or '?'}/{lesion_id}" if lesion_id else None
             key = row["file"].strip()
+            source = source_name(row.get("source") or row.get("collection") or "") or root.name
+            dup = (row.get("dup_group") or "").strip()
+            links.append(
+                (f"patient:{patient}",)
+                if patient
+                else tuple(x for x in (lesion and f"lesion:{lesion}", dup and f"dup:{dup}") if x)
+            )
             meta = {k: v for k, v in row.items() if k not in ("file", "malignant", "patient_id", "lesion_id")}
             records.append(
                 Record(
                     path=root / key,
                     label=_bool_label(row["malignant"], f"{csv_path}:{i}"),
-                    source=root.name,
+                    source=source,
                     key=key,
                     patient=patient,
                     lesion=lesion,
-                    group=f"patient:{patient}" if patient else (f"lesion:{lesion}" if lesion else key),
+                    group=key,
                     meta=meta,
+                    dataset=root.name,
+                    diagnosis=diagnosis_class(row.get("diagnosis_group") or row.get("diagnostic")),
+                    skin_type=_skin_type(row.get("fitzpatrick") or row.get("fitspatrick")),
                 )
             )
-    return records
+    return _linked_groups(records, links)
+
+
+def _skin_type(value: str | None) -> int | None:
+    try:
+        number = float((value or "").strip())
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() and 1 <= number <= 6 else None
+
+
+def _linked_groups(records: list[Record], links: list[tuple[str, ...]]) -> list[Record]:
+    """Each record's group = the smallest link of its connected component (records sharing any link)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for own in links:
+        for other in own[1:]:
+            a, b = find(own[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [replace(r, group=find(own[0])) if own else r for r, own in zip(records, links, strict=True)]
 
 
 def read_isic_download(folder: Path) -> list[Record]:
@@ -290,3 +389,60 @@ def read_patient_list(path: str | Path) -> set[str]:
         raise DatasetError(f"patient list {p} does not exist")
     lines = (line.split("#", 1)[0].strip() for line in p.read_text(encoding="utf-8").splitlines())
     return {line for line in lines if line}
+
+
+def sampling_weights(
+    records: Sequence[Record],
+    source_weights: dict[str, float] | None = None,
+    source_balance: float = 1.0,
+    diagnosis_balance: float = 1.0,
+) -> np.ndarray:
+    """Each record's share of an epoch's draws (the shares sum to 1).
+
+    A source's share is `source_weights[source]` where given (every source must then be named), else
+    proportional to its image count raised to `source_balance` (1 = the natural mix, 0 = every source
+    alike). Inside a source, a diagnosis's share is proportional to its count raised to `diagnosis_balance`
+    (records without a recorded diagnosis count as one class per label); images within a class alike.
+    """
+    from collections import Counter
+
+    if not records:
+        return np.zeros(0)
+    sources = Counter(r.source for r in records)
+    if source_weights:
+        unnamed = sorted(set(sources) - set(source_weights))
+        if unnamed:
+            raise DatasetError(f"source_weights names no weight for source(s) {unnamed}; sources: {sorted(sources)}")
+        share = {s: float(source_weights[s]) for s in sources}
+    else:
+        share = {s: float(n) ** source_balance for s, n in sources.items()}
+    total = sum(share.values())
+    if total <= 0:
+        raise DatasetError("source_weights give every training source a weight of 0")
+    classes = Counter((r.source, _class_of(r)) for r in records)
+    within = {s: sum(n**diagnosis_balance for (src, _), n in classes.items() if src == s) for s in sources}
+    w = np.array(
+        [
+            share[r.source]
+            / total
+            * classes[r.source, _class_of(r)] ** diagnosis_balance
+            / within[r.source]
+            / classes[r.source, _class_of(r)]
+            for r in records
+        ]
+    )
+    return w / w.sum()
+
+
+def _class_of(r: Record) -> str:
+    return r.diagnosis or f"?{r.label}"
+
+
+def diagnosis_prior(records: Sequence[Record], weights: np.ndarray) -> np.ndarray:
+    """The share of each of DIAGNOSES among the draws that carry a diagnosis (what the head learns as its
+    prior, and what prediction divides out so that every class counts alike)."""
+    prior = np.zeros(len(DIAGNOSES))
+    for r, w in zip(records, weights, strict=True):
+        if r.diagnosis:
+            prior[DIAGNOSES.index(r.diagnosis)] += w
+    return prior / prior.sum() if prior.sum() else prior

@@ -39,7 +39,16 @@ CARD_SECTION = "photo_types"
 SECTION_FORMAT = 2  # 2: a threshold per type (format 1: one `threshold_logit` for all)
 PHOTO_TYPES = ("dermoscopic", "phone")
 # what kind of photo each training source holds (others: pass `types` explicitly)
-SOURCE_PHOTO_TYPE = {"isic-mvb": "dermoscopic", "pad-ufes-20-phone": "phone"}
+SOURCE_PHOTO_TYPE = {
+    "isic-mvb": "dermoscopic",
+    "ham10000": "dermoscopic",
+    "isic-archive-pre2019": "dermoscopic",
+    "pad-ufes-20-phone": "phone",
+    # clinical (non-dermoscopic) photos: what a phone takes
+    "fitzpatrick17k": "phone",
+    "dermnet-nz": "phone",
+    "sd-198": "phone",
+}
 MIN_TYPE_IMAGES = 20  # fewer validation photos of a type (or one class only): it keeps the global temperature
 # the probe's P(dermoscopic) a photo needs to be judged as dermoscopic (else: phone); a section without the key
 # (written before it existed) decides at even odds, 0.5

@@ -1,0 +1,165 @@
+"""Sources as a first-class idea: readers of the new datasets, grouped folds across sources, the sampler's
+balance by source and diagnosis, and the leave-one-source-out protocol's decision rule and figures."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skinscan.data import (
+    DIAGNOSES,
+    Record,
+    diagnosis_class,
+    diagnosis_prior,
+    grouped_kfold,
+    load_dataset,
+    read_labels_csv,
+    sampling_weights,
+)
+from skinscan.errors import DatasetError
+
+
+def _rec(i: int, source: str, label: int, diagnosis: str | None, group: str | None = None) -> Record:
+    return Record(Path(f"{i}.jpg"), label, source, f"{i}.jpg", group=group or f"g{i}", diagnosis=diagnosis)
+
+
+# ------------------------------------------------------------------------------------------ readers (real)
+@pytest.fixture(scope="module")
+def archive_more(data_root: Path) -> list[Record]:
+    path = data_root / "isic-archive-more"
+    if not (path / "labels.csv").is_file():
+        pytest.skip(f"{path} not found")
+    return load_dataset(path)
+
+
+@pytest.fixture(scope="module")
+def atlas(data_root: Path) -> list[Record]:
+    path = data_root / "clinical-atlas"
+    if not (path / "labels.csv").is_file():
+        pytest.skip(f"{path} not found")
+    return load_dataset(path)
+
+
+@pytest.mark.data
+def test_archive_more_records_carry_collection_diagnosis_and_lesion_groups(archive_more):
+    assert len(archive_more) == 4384
+    assert Counter(r.source for r in archive_more) == {"ham10000": 2169, "isic-archive-pre2019": 2215}
+    assert all(r.dataset == "isic-archive-more" and r.uid.startswith("isic-archive-more/images/") for r in archive_more)
+    assert {r.diagnosis for r in archive_more} <= set(DIAGNOSES)
+    assert Counter(r.diagnosis for r in archive_more if r.source == "ham10000")["benign_keratosis"] == 1090
+    # every image of one HAM lesion shares one group, so no fold splits a lesion
+    by_lesion: dict[str, set[str]] = {}
+    for r in archive_more:
+        if r.lesion:
+            by_lesion.setdefault(r.lesion, set()).add(r.group)
+    assert by_lesion and all(len(g) == 1 for g in by_lesion.values())
+    assert sum(n > 1 for n in Counter(r.lesion for r in archive_more if r.lesion).values()) == 571
+
+
+@pytest.mark.data
+def test_atlas_records_carry_source_skin_type_and_near_duplicate_groups(atlas):
+    assert Counter(r.source for r in atlas) == {"fitzpatrick17k": 2619, "dermnet-nz": 1486, "sd-198": 300}
+    fitz = [r for r in atlas if r.source == "fitzpatrick17k"]
+    assert sum(r.skin_type is not None for r in fitz) == 2619 - 105
+    assert Counter(r.skin_type for r in fitz)[6] == 71
+    assert all(r.skin_type is None for r in atlas if r.source != "fitzpatrick17k")
+    dup = Counter(r.group for r in atlas if r.meta.get("dup_group"))
+    assert dup and max(dup.values()) >= 2  # near-duplicates share a group
+
+
+@pytest.mark.data
+def test_phone_and_archive_diagnoses_map_onto_the_classes(pad_ufes, isic_mvb):
+    phone = load_dataset(pad_ufes)
+    assert Counter(r.diagnosis for r in phone) == {
+        "bcc": 189,
+        "actinic_keratosis": 142,
+        "nevus": 122,
+        "benign_keratosis": 82,
+        "scc": 32,
+        "melanoma": 19,
+    }
+    mvb = load_dataset(isic_mvb, split="train")
+    assert {r.diagnosis for r in mvb if r.label == 0} == {"nevus"}  # every benign image is a HAM nevus
+    assert {r.diagnosis for r in mvb if r.label == 1} == {None}  # malignant: diagnosis unknown, masked
+
+
+@pytest.mark.data
+def test_grouped_folds_never_split_a_lesion_or_near_duplicate_group_across_sources(archive_more, atlas):
+    records = archive_more[::3] + atlas[::3]
+    seen: dict[str, int] = {}
+    for k, (_, val) in enumerate(grouped_kfold(records, 5, seed=0)):
+        for r in val:
+            assert seen.setdefault(f"{r.source}/{r.group}", k) == k
+
+
+def test_labels_csv_links_lesions_and_near_duplicates_into_one_group(tmp_path):
+    (tmp_path / "labels.csv").write_text(
+        "file,malignant,lesion_id,dup_group,collection,diagnosis_group\n"
+        "a.jpg,1,L1,,HAM10000,bcc\n"
+        "b.jpg,1,L1,7,HAM10000,bcc\n"
+        "c.jpg,0,L2,7,HAM10000,nevus\n"  # shares near-copy group 7 with b: one group with L1
+        "d.jpg,0,,,HAM10000,NEV\n"
+        "e.jpg,0,,,HAM10000,rash\n"
+    )
+    a, b, c, d, e = read_labels_csv(tmp_path / "labels.csv")
+    assert a.group == b.group == c.group != d.group
+    assert d.group == "d.jpg" and a.source == "ham10000"
+    assert (a.diagnosis, c.diagnosis, d.diagnosis, e.diagnosis) == ("bcc", "nevus", "nevus", None)
+
+
+def test_diagnosis_class_maps_codes_and_rejects_unknown_names():
+    assert diagnosis_class("MEL") == "melanoma" and diagnosis_class("ACK") == "actinic_keratosis"
+    assert diagnosis_class(" other_benign ") == "other_benign"
+    assert diagnosis_class("eczema") is None and diagnosis_class("") is None
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def _mixed() -> list[Record]:
+    recs = [_rec(i, "big", int(i < 100), "melanoma" if i < 100 else "nevus") for i in range(900)]
+    recs += [_rec(1000 + i, "small", int(i < 10), "bcc" if i < 10 else "nevus") for i in range(100)]
+    return recs
+
+
+def _shares(records, w, key):
+    out: Counter = Counter()
+    for r, v in zip(records, w, strict=True):
+        out[key(r)] += v
+    return out
+
+
+def test_natural_mix_draws_every_image_alike():
+    recs = _mixed()
+    w = sampling_weights(recs)
+    assert np.allclose(w, 1 / len(recs))
+
+
+def test_source_balance_zero_gives_every_source_the_same_share():
+    recs = _mixed()
+    w = sampling_weights(recs, source_balance=0.0)
+    assert _shares(recs, w, lambda r: r.source) == pytest.approx({"big": 0.5, "small": 0.5})
+    half = sampling_weights(recs, source_balance=0.5)
+    assert _shares(recs, half, lambda r: r.source)["big"] == pytest.approx(30 / 40)  # sqrt(900) : sqrt(100)
+
+
+def test_diagnosis_balance_evens_the_diagnoses_inside_each_source():
+    recs = _mixed()
+    w = sampling_weights(recs, source_balance=0.0, diagnosis_balance=0.0)
+    small = _shares(
+        [r for r in recs if r.source == "small"], w[[r.source == "small" for r in recs]], lambda r: r.diagnosis
+    )
+    assert small == pytest.approx({"bcc": 0.25, "nevus": 0.25})
+    prior = diagnosis_prior(recs, w)
+    assert prior[DIAGNOSES.index("melanoma")] == pytest.approx(0.25)
+    assert prior[DIAGNOSES.index("nevus")] == pytest.approx(0.5)
+    assert prior.sum() == pytest.approx(1.0)
+
+
+def test_source_weights_must_name_every_source():
+    recs = _mixed()
+    w = sampling_weights(recs, {"big": 3.0, "small": 1.0})
+    assert _shares(recs, w, lambda r: r.source)["big"] == pytest.approx(0.75)
+    with pytest.raises(DatasetError, match="small"):
+        sampling_weights(recs, {"big": 1.0})
