@@ -91,7 +91,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     test = load_dataset(root / ARCHIVE, split="test")[:: max(1, 660 // (args.max_eval or 660))]
     clean = {r.key for r in without_leaks(test, load_dataset(root / ARCHIVE, split="train"))}
     test_px = np.stack([load_pixels(r.path, spec) for r in test])
-    phone_px = {f"{r.source}/{r.key}": load_pixels(r.path, spec) for r in phone}
+    phone_px = {r.uid: load_pixels(r.path, spec) for r in phone}
     rng = np.random.default_rng(0)
     frame_px = {k: load_pixels(Image.fromarray(full_frame(v, rng)), spec) for k, v in phone_px.items()}
 
@@ -135,8 +135,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
                     float(prev[2] + frame[i] / args.folds),
                 )
 
-    label = {f"{r.source}/{r.key}": r.label for r in phone}
-    patient = {f"{r.source}/{r.key}": r.patient for r in phone}
+    label = {r.uid: r.label for r in phone}
+    patient = {r.uid: r.patient for r in phone}
     keys = sorted(oof)
     y = np.array([label[q] for q in keys])
     groups = [patient[q] for q in keys]

@@ -127,7 +127,7 @@ def score(section: dict, offset: np.ndarray, answers: Sequence[Answers]) -> np.n
 
 # ---------------------------------------------------------------- data
 def phone_records(data: Path, oof_path: Path, recipe: str, lockbox: Path) -> tuple[dict, str, list, set]:
-    records = {f"{r.source}/{r.key}": r for r in load_dataset(data)}
+    records = {r.uid: r for r in load_dataset(data)}
     name, oof = read_oof_logits(oof_path, recipe)
     locked = read_patient_list(lockbox)
     if any(records[k].patient in locked for k in oof):
@@ -354,7 +354,7 @@ def main() -> None:
 
     data, lockbox = Path(args.data), Path(args.lockbox_list)
     oof, recipe, data_records, locked = phone_records(data, Path(args.oof), args.recipe, lockbox)
-    records = {f"{r.source}/{r.key}": r for r in data_records}
+    records = {r.uid: r for r in data_records}
     keys = sorted(oof)
     from skinscan.predict import Predictor
 

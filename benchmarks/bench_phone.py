@@ -144,7 +144,7 @@ def main() -> None:
         z = np.array([oof[k][2] for k in keys])
         pats = [oof[k][1] for k in keys]
         ink_oof = np.array([ink_fraction(root / "pad-ufes-20-phone" / k.split("/", 1)[1]) > 0.004 for k in keys])
-        lesion_of = {f"{r.source}/{r.key}": r.lesion for r in phone}
+        lesion_of = {r.uid: r.lesion for r in phone}
         lesions = defaultdict(list)
         for i, k in enumerate(keys):
             lesions[lesion_of[k]].append(i)

@@ -221,3 +221,59 @@ def test_export_thresholds_per_photo_type_from_a_k_fold_run(tmp_path, isic_mvb, 
     gate_fit = json.loads((models / "two.card.json").read_text())["quality_gate"]["fit"]
     assert gate_fit["unreadable_train_images"] == 0 and gate_fit["nonlesion_dir"].endswith("nonlesion/tune")
     assert str(cv_run) in section["threshold_rule"]
+
+
+def test_diagnosis_head_trains_masked_exports_and_predicts(tmp_path, isic_mvb, pad_ufes, data_root, capsys):
+    """A tiny many-source run with the diagnosis head: isic-mvb's malignant images (no diagnosis) are
+    masked, the balanced sampler draws a fixed number per epoch, and the head reaches the Predictor, the
+    CLI's CSV and the card with the training prior divided out."""
+    import csv
+
+    from skinscan.cli import main
+    from skinscan.data import DIAGNOSES
+
+    atlas = data_root / "clinical-atlas"
+    over = {
+        "data": [str(isic_mvb), str(pad_ufes), str(atlas)],
+        "exclude_sources": ["dermnet-nz", "sd-198"],  # the atlas's Fitzpatrick17k photos only
+        "limit": 400,
+        "epochs": 1,
+        "batch_size": 16,
+        "threads": 2,
+        "diagnosis_weight": 0.5,
+        "source_balance": 0.0,
+        "diagnosis_balance": 0.5,
+        "samples_per_epoch": 48,
+    }
+    run = tmp_path / "run"
+    train_mod.train(load_config(overrides=over), run, progress=False)
+    cal = json.loads((run / "calibration.json").read_text())
+    prior = cal["diagnosis_prior"]
+    assert set(prior) == set(DIAGNOSES) and sum(prior.values()) == pytest.approx(1.0)
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 2  # one epoch of 48 draws = 3 steps, whatever the data's size
+    info = json.loads((run / "data.json").read_text())
+    assert set(info["per_source"]) == {"isic-mvb", "pad-ufes-20-phone", "fitzpatrick17k"}
+
+    images = validation_image_paths(run, limit=6)
+    onnx_path = export(run, tmp_path / "m", name="diag", version_tag="test", check_images=images)
+    predictor = Predictor(onnx_path)
+    assert predictor.card.outputs[-1] == "diagnosis" and predictor.card.diagnosis["classes"] == list(DIAGNOSES)
+    # the graph divides the prior out: log-probabilities = log_softmax(raw - log prior)
+    net, _ = load_run_model(run)
+    batch = normalise(np.stack([load_pixels(p, predictor.spec) for p in images]), predictor.spec)
+    with torch.inference_mode():
+        raw = net.forward_both(torch.from_numpy(batch))[1].numpy()
+    p = np.array([prior[c] for c in DIAGNOSES])
+    shifted = raw - np.log(np.where(p > 0, p, 1)) + np.where(p > 0, 0, -1e4)
+    expected = shifted - np.logaddexp.reduce(shifted, axis=1, keepdims=True)
+    np.testing.assert_allclose(predictor.run(batch)["diagnosis"], expected, atol=1e-4)
+    results = predictor.predict(images, force=True)
+    for r, row in zip(results, expected, strict=True):
+        assert r.diagnosis == DIAGNOSES[int(np.argmax(row))]
+        assert sum(r.diagnoses.values()) == pytest.approx(1.0, abs=1e-3)
+    out = tmp_path / "rows.csv"
+    assert main(["predict", *map(str, images), "--model", str(onnx_path), "--force", "-q", "-o", str(out)]) == 0
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["diagnosis"] for row in rows] == [r.diagnosis for r in results]

@@ -59,6 +59,8 @@ class ModelCard(BaseModel):
     threshold: float = Field(gt=0, lt=1)
     threshold_rule: str = ""
     intended_use: str = INTENDED_USE
+    # the diagnosis head: {"classes": [...], "prior": {...}, "balanced_accuracy": {...}}; None: no head
+    diagnosis: dict[str, Any] | None = None
 
     @cached_property
     def spec(self) -> PreprocessSpec:

@@ -196,7 +196,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         path.write_text(json.dumps(rows, indent=2))
     elif path.suffix.lower() == ".csv":
         cols = ["path", "probability", "decision", "threshold", "advice", "error", "quality", "reasons"]
-        cols += ["image_probability", "adjustments"]
+        cols += ["image_probability", "adjustments", "diagnosis"]
         with path.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
@@ -240,6 +240,56 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"temperature {result.temperature:.3f}; threshold {result.threshold:.4f}; {result.seconds / 60:.1f} min"
     )
     print(f"next: skinscan export {result.run_dir} --out models/NAME")
+    return 0
+
+
+# ---------------------------------------------------------------- loso
+def cmd_loso(args: argparse.Namespace) -> int:
+    from .config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    if args.data:
+        overrides["data"] = args.data
+    cfg = load_config(args.config, overrides)
+    if not cfg.data:
+        raise SkinscanError("no training data: give --config FILE or --data DATASET [DATASET ...]")
+    cfg = cfg.model_copy(update={"data": [str(_resolve(args, d)) for d in cfg.data]})
+    extra = [str(_resolve(args, d)) for d in args.also_score or []]
+    from . import loso
+    from .train import load_training_records  # needs the train extra
+
+    trainable, _ = load_training_records(cfg)
+    everything = cfg.model_copy(update={"data": cfg.data + extra, "source_weights": None, "exclude_sources": None})
+    records, _ = load_training_records(everything)
+    sources = sorted({r.source for r in records})
+    unknown = sorted(set(args.units or []) - set(sources))
+    if unknown:
+        raise SkinscanError(f"--units: no source named {', '.join(unknown)}; sources: {', '.join(sources)}")
+    out = Path(args.out)
+    title = (
+        args.title or f"Leave-one-source-out ({args.protocol}): {Path(args.config).stem if args.config else 'config'}"
+    )
+    if args.protocol == "frozen":
+        spec = cfg.preprocess_spec()
+        x = loso.embed(
+            records, spec, cfg.arch, cache=Path(args.cache) / loso.cache_name(spec, cfg.arch), progress=not args.quiet
+        )
+        recipe = loso.Recipe(
+            name=title,
+            sources=tuple(sorted({r.source for r in trainable})),
+            source_weights=cfg.source_weights,
+            source_balance=cfg.source_balance,
+            diagnosis_balance=cfg.diagnosis_balance,
+            target_sensitivity=cfg.target_sensitivity,
+        )
+        result = loso.frozen_loso(
+            records, x, recipe, args.units, n_boot=args.bootstrap, progress=None if args.quiet else print
+        )
+    else:
+        result = loso.finetune_loso(cfg, records, out, args.units, n_boot=args.bootstrap, progress=not args.quiet)
+    report = loso.write_report(result, out, title)
+    print(loso.table(result))
+    print(f"wrote {report}, {out / 'loso.json'} and {out / 'loso.png'}")
     return 0
 
 
@@ -333,8 +383,8 @@ def _photo_type_split(run: Path) -> tuple[list, list]:
         )
     require_both_types([SOURCE_PHOTO_TYPE[r.source] for r in records])
     val_keys = set(json.loads((run / "data.json").read_text()).get("val_keys", []))
-    val = [r for r in records if f"{r.source}/{r.key}" in val_keys]
-    train = [r for r in records if f"{r.source}/{r.key}" not in val_keys]
+    val = [r for r in records if r.uid in val_keys]
+    train = [r for r in records if r.uid not in val_keys]
     if not val:
         raise SkinscanError(f"--photo-types: {run}/data.json lists no validation images (a K-fold run?)")
     return train, val
@@ -441,7 +491,7 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
     from .data import load_dataset, read_patient_list
 
     data = _resolve(args, args.data)
-    records = {f"{r.source}/{r.key}": r for r in load_dataset(data)}
+    records = {r.uid: r for r in load_dataset(data)}
     recipe, oof = read_oof_logits(args.oof, args.recipe)
     unknown = [k for k in oof if k not in records]
     if unknown:
@@ -716,6 +766,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "loso",
+        parents=[common_data],
+        help="leave-one-source-out evaluation: train without each source, score it",
+        description="For each source (a dataset, or an atlas or collection inside one), train on the others and "
+        "score it, beside one pooled source-stratified grouped 5-fold run (in-source figures). The decision rule "
+        "(a temperature and threshold per photo type) comes from the training sources' held-out predictions only, "
+        "so each row shows whether the target sensitivity holds on a source never seen. Protocol `frozen` "
+        "(default): ImageNet features + logistic-regression heads, drawn like the sampler: minutes on a CPU, "
+        "for choosing data and balance. Protocol `finetune`: the whole recipe per source (a GPU's job). "
+        "Writes loso.json, report.md and loso.png. Needs skinscan[train].",
+    )
+    p.add_argument("--config", help="training configuration (YAML) whose data and balance are evaluated")
+    p.add_argument("--data", nargs="+", help="training datasets (instead of the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+    p.add_argument(
+        "--also-score",
+        nargs="+",
+        metavar="DATASET",
+        help="datasets only scored, never trained on (e.g. clinical-atlas for a recipe without it)",
+    )
+    p.add_argument("--units", nargs="+", metavar="SOURCE", help="hold out only these sources (default: every one)")
+    p.add_argument("--protocol", choices=["frozen", "finetune"], default="frozen", help="(default frozen)")
+    p.add_argument("--out", required=True, help="report folder (finetune: also the runs)")
+    p.add_argument("--cache", default="runs/features", help="where frozen features are cached (default runs/features)")
+    p.add_argument("--title", help="the report's title")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_loso)
 
     p = sub.add_parser(
         "export",

@@ -17,6 +17,7 @@ import numpy as np
 
 from .card import CARD_FORMAT, INTENDED_USE, KNOWN_LIMITS, write_card
 from .config import TrainConfig, load_config
+from .data import DIAGNOSES
 from .errors import ModelLoadError, SkinscanError
 from .phototype import DERMOSCOPIC_MIN_PROBABILITY
 
@@ -41,21 +42,47 @@ DATA_LICENCES = {
 
 class _ExportWrapper(torch.nn.Module):
     """Three outputs: the raw logit, the class activation map (heatmaps without torch) and the pooled
-    feature vector (the quality gate's out-of-distribution check).
+    feature vector (the quality gate's out-of-distribution check); a fourth, `diagnosis`, where the networks
+    have a diagnosis head: log-probabilities of the classes with the training prior divided out
+    (`prior`, one share per class), so that every class counts alike (what balanced accuracy asks).
 
     Several networks (an ensemble of runs that share preprocessing and validation split) give the mean of
     their logits and of their maps (the map's spatial mean stays the logit); the embedding is the first
     member's, so the quality gate and the photo-type probe read one network's feature space."""
 
-    def __init__(self, nets: LesionNet | Sequence[LesionNet]) -> None:
+    def __init__(self, nets: LesionNet | Sequence[LesionNet], prior: Sequence[float] | None = None) -> None:
         super().__init__()
         self.nets = torch.nn.ModuleList([nets] if isinstance(nets, LesionNet) else list(nets))
+        self.diagnose = prior is not None
+        if self.diagnose:
+            p = np.asarray(prior, dtype=np.float64)
+            # classes the training data lacked get no chance (their head weights never learned anything)
+            shift = np.where(p > 0, -np.log(np.where(p > 0, p, 1.0)), -1e4).astype(np.float32)
+            self.register_buffer("prior_shift", torch.from_numpy(shift))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = [net.features(image) for net in self.nets]
         logit = torch.stack([net.head(f) for net, f in zip(self.nets, feats, strict=True)]).mean(dim=0)
         cam = torch.stack([net.cam(f) for net, f in zip(self.nets, feats, strict=True)]).mean(dim=0)
-        return logit, cam, feats[0].mean(dim=(2, 3))
+        out = (logit, cam, feats[0].mean(dim=(2, 3)))
+        if not self.diagnose:
+            return out
+        raw = torch.stack([net.diagnosis_head(f) for net, f in zip(self.nets, feats, strict=True)]).mean(dim=0)
+        return (*out, torch.log_softmax(raw + self.prior_shift, dim=1))
+
+
+def _diagnosis_prior(nets: Sequence[LesionNet], runs: Sequence[Path]) -> list[float] | None:
+    """The training prior of the networks' diagnosis head (None where they have none); every member of an
+    ensemble must have the head."""
+    heads = [net.diagnosis_fc is not None for net in nets]
+    if not any(heads):
+        return None
+    if not all(heads):
+        raise SkinscanError("an ensemble's networks must all have a diagnosis head, or none")
+    priors = [json.loads((r / "calibration.json").read_text()).get("diagnosis_prior") for r in runs]
+    if any(p is None for p in priors):
+        raise SkinscanError(f"{runs[0]}/calibration.json has no diagnosis_prior: finish the run with this skinscan")
+    return list(np.mean([[p[c] for c in DIAGNOSES] for p in priors], axis=0))
 
 
 def load_run_model(run: Path) -> tuple[LesionNet, TrainConfig]:
@@ -63,8 +90,11 @@ def load_run_model(run: Path) -> tuple[LesionNet, TrainConfig]:
     if not (run / "best.pt").is_file() or not (run / "config.yaml").is_file():
         raise ModelLoadError(f"{run} is not a finished training run (needs best.pt and config.yaml)")
     cfg = load_config(run / "config.yaml")  # defaults fill keys added after the run was made
-    net = LesionNet(cfg.arch, cfg.dropout, pretrained=False, image_size=cfg.image_size)
-    net.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"])
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    net = LesionNet(
+        cfg.arch, cfg.dropout, pretrained=False, image_size=cfg.image_size, n_diagnoses=state.get("n_diagnoses", 0)
+    )
+    net.load_state_dict(state["model"])
     return net.eval(), cfg
 
 
@@ -128,7 +158,7 @@ def ensemble_calibration(runs: Sequence[Path]) -> dict:
     logits = np.mean([p["logits"] for p in preds], axis=0)
     labels = preds[0]["labels"].astype(int)
     records, _ = load_training_records(configs[0])
-    by_key = {f"{r.source}/{r.key}": r for r in records}
+    by_key = {r.uid: r for r in records}
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise SkinscanError(f"{len(missing)} validation images are not in the datasets (e.g. {missing[0]})")
@@ -164,16 +194,21 @@ def validation_image_paths(run: Path, limit: int = 32) -> list[Path]:
     return paths
 
 
-def parity_check(onnx_path: Path, net: LesionNet | Sequence[LesionNet], batch: np.ndarray) -> float:
-    """Largest |logit difference| between ONNX Runtime and torch (the mean logit of several networks) on
-    `batch`; raises above tolerance."""
+def parity_check(
+    onnx_path: Path, net: LesionNet | Sequence[LesionNet], batch: np.ndarray, prior: Sequence[float] | None = None
+) -> float:
+    """Largest |difference| between ONNX Runtime and torch on `batch`, over the logit (the mean logit of
+    several networks) and the diagnosis log-probabilities where there are any; raises above tolerance."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_logits = session.run(["logit"], {"image": batch})[0]
+    names = ["logit"] if prior is None else ["logit", "diagnosis"]
+    onnx_out = session.run(names, {"image": batch})
     with torch.inference_mode():
-        torch_logits = _ExportWrapper(net).eval()(torch.from_numpy(batch))[0].numpy()
-    diff = float(np.abs(onnx_logits - torch_logits).max())
+        torch_out = _ExportWrapper(net, prior).eval()(torch.from_numpy(batch))
+    diff = max(
+        float(np.abs(a - b.numpy()).max()) for a, b in zip(onnx_out, (torch_out[0], *torch_out[3:]), strict=True)
+    )
     if diff > PARITY_TOLERANCE:
         raise SkinscanError(f"ONNX and torch disagree by {diff:.2e} (> {PARITY_TOLERANCE}): export is broken")
     return diff
@@ -203,16 +238,18 @@ def export(
     calibration = json.loads((run / "calibration.json").read_text()) if one else ensemble_calibration(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / f"{name}.onnx"
+    prior = _diagnosis_prior(nets, runs)
+    outputs = ["logit", "cam", "embedding"] + ([] if prior is None else ["diagnosis"])
 
     dummy = torch.zeros(2, 3, spec.size, spec.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _ExportWrapper(nets).eval(),
+            _ExportWrapper(nets, prior).eval(),
             (dummy,),
             str(onnx_path),
             input_names=["image"],
-            output_names=["logit", "cam", "embedding"],
+            output_names=outputs,
             dynamic_shapes={"image": {0: torch.export.Dim("batch", max=4096)}},
             opset_version=18,
             dynamo=True,
@@ -224,7 +261,7 @@ def export(
         batch = normalise(np.stack([load_pixels(p, spec) for p in check_images]), spec)
     else:
         batch = np.random.default_rng(0).standard_normal((4, 3, spec.size, spec.size)).astype(np.float32)
-    diff = parity_check(onnx_path, nets, batch)
+    diff = parity_check(onnx_path, nets, batch, prior)
 
     histories = []
     for r in runs:
@@ -245,7 +282,18 @@ def export(
             else ""
         ),
         "input_name": "image",
-        "outputs": ["logit", "cam", "embedding"],
+        "outputs": outputs,
+        **(
+            {}
+            if prior is None
+            else {
+                "diagnosis": {
+                    "classes": list(DIAGNOSES),
+                    "prior": dict(zip(DIAGNOSES, prior, strict=True)),
+                    "output": "log-probabilities with the training prior divided out: every class counts alike",
+                }
+            }
+        ),
         "preprocessing": spec.to_dict(),
         "temperature": calibration["temperature"],
         "threshold": calibration["threshold"],

@@ -40,7 +40,12 @@ class LesionNet(nn.Module):
     """
 
     def __init__(
-        self, arch: str = "efficientnet-lite0", dropout: float = 0.2, pretrained: bool = True, image_size: int = 224
+        self,
+        arch: str = "efficientnet-lite0",
+        dropout: float = 0.2,
+        pretrained: bool = True,
+        image_size: int = 224,
+        n_diagnoses: int = 0,
     ) -> None:
         super().__init__()
         if arch not in _WEIGHT_PACKAGES:
@@ -60,6 +65,8 @@ class LesionNet(nn.Module):
                 raise ModelLoadError(f"ImageNet weights for {arch} do not match the network: {result}")
         self.dropout = nn.Dropout(dropout)
         self.fc = self.backbone._fc  # the freshly initialised 1-logit classifier
+        # the diagnosis head: a second linear layer on the same pooled features (None: no diagnosis output)
+        self.diagnosis_fc = nn.Linear(self.fc.in_features, n_diagnoses) if n_diagnoses else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last convolutional feature map, (N, C, H/32, W/32)."""
@@ -68,9 +75,20 @@ class LesionNet(nn.Module):
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(feats.mean(dim=(2, 3)))).squeeze(1)
 
+    def diagnosis_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, n_diagnoses) raw diagnosis logits (the training prior not yet divided out)."""
+        if self.diagnosis_fc is None:
+            raise ModelLoadError("this network has no diagnosis head (trained with diagnosis_weight 0)")
+        return self.diagnosis_fc(self.dropout(feats.mean(dim=(2, 3))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised images -> (N,) malignancy logits."""
         return self.head(self.features(x))
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Malignancy logits and, where the network has the head, diagnosis logits."""
+        feats = self.features(x)
+        return self.head(feats), None if self.diagnosis_fc is None else self.diagnosis_head(feats)
 
     def cam(self, feats: torch.Tensor) -> torch.Tensor:
         """Class activation map in logit units: (N, H', W'); its spatial mean equals the logit."""

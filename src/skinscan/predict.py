@@ -42,6 +42,11 @@ class Prediction:
 
     `photo_type` ("dermoscopic" | "phone") is the detected kind of photo where the model calibrates each
     kind with its own temperature (`skinscan.phototype`); `threshold` is then that type's.
+
+    `diagnosis` is the kind of lesion the photo looks most like and `diagnoses` each kind's probability,
+    where the model has a diagnosis head (else None). Every kind counts alike there (the training mix is
+    divided out), so they say what the photo resembles, not how common each kind is; the referral advice
+    comes from `probability` alone.
     """
 
     path: str | None
@@ -58,6 +63,8 @@ class Prediction:
     adjustments: tuple[Adjustment, ...] = ()
     image_probability: float | None = None
     photo_type: str | None = None
+    diagnosis: str | None = None
+    diagnoses: Mapping[str, float] | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -68,7 +75,15 @@ class Prediction:
         if self.quality != "retake" or self.probability is None:
             return self
         return dataclasses.replace(
-            self, probability=None, decision=None, logit=None, cam=None, adjustments=(), image_probability=None
+            self,
+            probability=None,
+            decision=None,
+            logit=None,
+            cam=None,
+            adjustments=(),
+            image_probability=None,
+            diagnosis=None,
+            diagnoses=None,
         )
 
     @property
@@ -88,6 +103,8 @@ class Prediction:
             "adjustments": [a.to_dict() for a in self.adjustments],
             "image_probability": self.image_probability,
             "photo_type": self.photo_type,
+            "diagnosis": self.diagnosis,
+            "diagnoses": None if self.diagnoses is None else dict(self.diagnoses),
             "timings_ms": dict(self.timings_ms),
         }
 
@@ -175,7 +192,8 @@ class Predictor:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Normalised (N, 3, S, S) float32 -> the model's outputs by name: `logit` (N,), and where the model
-        has them `cam` (N, h, w) class activation maps and `embedding` (N, C) pooled features."""
+        has them `cam` (N, h, w) class activation maps, `embedding` (N, C) pooled features and `diagnosis`
+        (N, classes) log-probabilities of the diagnosis classes (the card's `diagnosis.classes`)."""
         out = dict(zip(self._outputs, self.session.run(None, {self.card.input_name: batch}), strict=True))
         out["logit"] = out["logit"].reshape(-1)
         return out
@@ -278,6 +296,20 @@ class Predictor:
         measures = pixel_measures(pixels)
         return Decoded(pixels, side, measures, decode_ms=decode_ms, measure_ms=(time.perf_counter() - t) * 1000)
 
+    def _diagnoses(self, log_probs: np.ndarray | None) -> list[dict] | None:
+        """Each photo's `diagnosis` and `diagnoses` fields from the model's diagnosis output (None: none)."""
+        classes = (self.card.diagnosis or {}).get("classes")
+        if log_probs is None or not classes:
+            return None
+        probs = np.exp(np.asarray(log_probs, dtype=np.float64))
+        return [
+            {
+                "diagnosis": classes[int(np.argmax(row))],
+                "diagnoses": MappingProxyType({c: round(float(v), 4) for c, v in zip(classes, row, strict=True)}),
+            }
+            for row in probs
+        ]
+
     def predict_decoded(
         self, decoded: Sequence[Decoded], names: Sequence[str | None] | None = None, *, force: bool = False
     ) -> list[Prediction]:
@@ -290,6 +322,7 @@ class Predictor:
             t = time.perf_counter()
             outputs = self.run(normalise(batch, self.spec))
             logits, cams = outputs["logit"], outputs.get("cam")
+            diagnoses = self._diagnoses(outputs.get("diagnosis"))
             infer_ms = (time.perf_counter() - t) * 1000 / len(good)
             types = self.detect_photo_types(outputs.get("embedding"), len(good))
             probs = self.calibrate(logits, types)
@@ -323,6 +356,7 @@ class Predictor:
                     reasons=report.reasons,
                     quality_report=report,
                     photo_type=types[j],
+                    **(diagnoses[j] if diagnoses else {}),
                 )
             )
             if not force:

@@ -20,7 +20,17 @@ import yaml
 
 from . import metrics
 from .config import TrainConfig, load_config
-from .data import Record, drop_exact_duplicates, grouped_kfold, grouped_split, load_dataset, read_patient_list
+from .data import (
+    DIAGNOSES,
+    Record,
+    diagnosis_prior,
+    drop_exact_duplicates,
+    grouped_kfold,
+    grouped_split,
+    load_dataset,
+    read_patient_list,
+    sampling_weights,
+)
 from .errors import ConfigError, DatasetError
 from .preprocess import PreprocessSpec, load_pixels, normalise
 
@@ -66,10 +76,18 @@ def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
         has_train_split = root.is_dir() and (root / "train").is_dir()
         records += load_dataset(root, split="train" if has_train_split else None)
     n_excluded = 0
+    if cfg.exclude_sources:
+        unknown = set(cfg.exclude_sources) - {r.source for r in records}
+        if unknown:
+            raise ConfigError(
+                f"exclude_sources names unknown source(s) {sorted(unknown)}; sources: {sorted({r.source for r in records})}"
+            )
+        kept = [r for r in records if r.source not in cfg.exclude_sources]
+        n_excluded, records = len(records) - len(kept), kept
     if cfg.exclude_patients:
         excluded = read_patient_list(cfg.exclude_patients)
         kept = [r for r in records if r.patient not in excluded]
-        n_excluded, records = len(records) - len(kept), kept
+        n_excluded, records = n_excluded + len(records) - len(kept), kept
     records, n_dupes = drop_exact_duplicates(records)
     if cfg.limit:
         rng = np.random.default_rng(cfg.split_seed_used)  # which images: data, like the split
@@ -81,13 +99,14 @@ def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
                 f"source_weights names unknown source(s) {sorted(unknown)}; sources: "
                 f"{sorted({r.source for r in records})}"
             )
-    digest = hashlib.sha256("\n".join(sorted(f"{r.source}/{r.key}:{r.md5 or ''}" for r in records)).encode())
+        sampling_weights(records, cfg.source_weights)  # every source named: checked before any training
+    digest = hashlib.sha256("\n".join(sorted(f"{r.uid}:{r.md5 or ''}" for r in records)).encode())
     info = {
         "datasets": list(cfg.data),
         "n_images": len(records),
         "per_source": {s: sum(r.source == s for r in records) for s in sorted({r.source for r in records})},
         "exact_duplicates_dropped": n_dupes,
-        "excluded_patients_images": n_excluded,
+        "excluded_images": n_excluded,
         "records_sha256": digest.hexdigest(),
     }
     return records, info
@@ -99,7 +118,7 @@ def _split_info(train: list[Record], val: list[Record]) -> dict:
         "n_val": len(val),
         "n_train_malignant": sum(r.label for r in train),
         "n_val_malignant": sum(r.label for r in val),
-        "val_keys": sorted(f"{r.source}/{r.key}" for r in val),
+        "val_keys": sorted(r.uid for r in val),
     }
 
 
@@ -113,8 +132,10 @@ def _cache_pixels(records: list[Record], spec: PreprocessSpec, desc: str, progre
 
 
 class _ImageSet(Dataset):
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, augment, seed: int):
-        self.pixels, self.labels, self.spec, self.augment = pixels, labels, spec, augment
+    def __init__(
+        self, pixels: np.ndarray, labels: np.ndarray, diagnoses: np.ndarray, spec: PreprocessSpec, augment, seed: int
+    ):
+        self.pixels, self.labels, self.diagnoses, self.spec, self.augment = pixels, labels, diagnoses, spec, augment
         self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
@@ -123,7 +144,7 @@ class _ImageSet(Dataset):
     def __getitem__(self, i: int):
         rng = np.random.default_rng((self.seed, self.epoch, i))  # reproducible per epoch and image
         x = normalise(self.augment(self.pixels[i], rng), self.spec)
-        return torch.from_numpy(x), torch.tensor(float(self.labels[i]))
+        return torch.from_numpy(x), torch.tensor(float(self.labels[i])), torch.tensor(int(self.diagnoses[i]))
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -264,22 +285,23 @@ def _fit(
     spec = cfg.preprocess_spec()
     val_px = _cache_pixels(val_recs, spec, "decode val", progress)
     y_val = np.array([r.label for r in val_recs], dtype=np.int64)
-    model = LesionNet(cfg.arch, cfg.dropout, pretrained=True, image_size=cfg.image_size)
+    n_diagnoses = len(DIAGNOSES) if cfg.diagnosis_weight > 0 else 0
+    model = LesionNet(cfg.arch, cfg.dropout, pretrained=True, image_size=cfg.image_size, n_diagnoses=n_diagnoses)
     model = model.to(device).to(memory_format=torch.channels_last)
 
     log.info("train %d images, validation %d, on %s", len(train_recs), len(val_recs), device)
     train_px = _cache_pixels(train_recs, spec, "decode train", progress)
     y_train = np.array([r.label for r in train_recs], dtype=np.float32)
+    d_train = np.array([DIAGNOSES.index(r.diagnosis) if r.diagnosis else -1 for r in train_recs], dtype=np.int64)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dataset = _ImageSet(train_px, y_train, spec, build_augment(cfg.augment, cfg.image_size), cfg.seed)
+    dataset = _ImageSet(train_px, y_train, d_train, spec, build_augment(cfg.augment, cfg.image_size), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    draws = sampling_weights(train_recs, cfg.source_weights, cfg.source_balance, cfg.diagnosis_balance)
     sampler = None
-    if cfg.source_weights:
-        # each source's share of an epoch's draws follows source_weights; images within a source alike
-        counts = {s: sum(r.source == s for r in train_recs) for s in {r.source for r in train_recs}}
-        w = [cfg.source_weights.get(r.source, 0.0) / counts[r.source] for r in train_recs]
+    if _balanced(cfg):
+        # each source's and diagnosis's share of an epoch's draws follows the config (data.sampling_weights)
         sampler = torch.utils.data.WeightedRandomSampler(
-            w, num_samples=len(train_recs), replacement=True, generator=gen
+            draws.tolist(), num_samples=cfg.samples_per_epoch or len(train_recs), replacement=True, generator=gen
         )
     loader = DataLoader(
         dataset,
@@ -316,6 +338,7 @@ def _fit(
 
     t0 = time.perf_counter()
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    diagnosis_loss = torch.nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")  # -1: no diagnosis recorded
     for epoch in range(start_epoch, cfg.epochs):
         if calibrate_only:
             log.info("stopping after epoch %d as asked; calibrating the best epoch (%d)", start_epoch, best_epoch)
@@ -327,12 +350,15 @@ def _fit(
         model.train()
         losses, train_logits, train_y = [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
-        for x, y in bar:
+        for x, y, d in bar:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device)
+            y, d = y.to(device), d.to(device)
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-            logits = model(x)
+            logits, diag_logits = model.forward_both(x)
             loss = loss_fn(logits, target)
+            if diag_logits is not None and bool((d >= 0).any()):
+                # mean over the records that carry a diagnosis, weighted against the malignancy loss
+                loss = loss + cfg.diagnosis_weight * diagnosis_loss(diag_logits, d) / (d >= 0).sum()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -363,6 +389,7 @@ def _fit(
                     "arch": cfg.arch,
                     "dropout": cfg.dropout,
                     "image_size": cfg.image_size,
+                    "n_diagnoses": n_diagnoses,
                 },
                 run / "best.pt",
             )
@@ -401,6 +428,12 @@ def _fit(
     val_logits = predict_logits(model, val_px, spec, device=device)
     calibration = {
         "best_epoch": best["epoch"],
+        # the diagnosis head's prior: the share of each class among the training draws with a diagnosis
+        **(
+            {"diagnosis_prior": dict(zip(DIAGNOSES, diagnosis_prior(train_recs, draws).tolist(), strict=True))}
+            if n_diagnoses
+            else {}
+        ),
         **operating_point(
             val_logits,
             y_val,
@@ -412,7 +445,7 @@ def _fit(
     (run / "calibration.json").write_text(json.dumps(calibration, indent=2))
     np.savez(
         run / "val_predictions.npz",
-        keys=np.array([f"{r.source}/{r.key}" for r in val_recs]),
+        keys=np.array([r.uid for r in val_recs]),
         logits=val_logits,
         labels=y_val,
     )
@@ -426,6 +459,13 @@ def _fit(
     )
     return RunResult(
         run, best["epoch"], best_auc, calibration["temperature"], calibration["threshold"], len(history), seconds
+    )
+
+
+def _balanced(cfg: TrainConfig) -> bool:
+    """Whether draws follow data.sampling_weights (else every image once per epoch, shuffled)."""
+    return bool(
+        cfg.source_weights or cfg.samples_per_epoch or cfg.source_balance != 1.0 or cfg.diagnosis_balance != 1.0
     )
 
 
