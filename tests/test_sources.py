@@ -163,3 +163,72 @@ def test_source_weights_must_name_every_source():
     assert _shares(recs, w, lambda r: r.source)["big"] == pytest.approx(0.75)
     with pytest.raises(DatasetError, match="small"):
         sampling_weights(recs, {"big": 1.0})
+
+
+# --------------------------------------------------------------------------------------- leave-one-source-out
+def _synthetic(seed: int = 0):
+    """Three sources of 'dermoscopic' and 'phone' kinds; features carry the label plus a source offset."""
+    from skinscan.loso import photo_type  # noqa: F401  (the sources below are known kinds)
+
+    rng = np.random.default_rng(seed)
+    recs, xs = [], []
+    specs = (("isic-mvb", 0.0, 300), ("ham10000", 1.5, 300), ("fitzpatrick17k", -1.0, 300), ("dermnet-nz", 0.5, 200))
+    for s, offset, n in specs:
+        for i in range(n):
+            y = int(rng.random() < 0.4)
+            d = ("melanoma" if i % 2 else "bcc") if y else ("nevus" if i % 3 else "actinic_keratosis")
+            recs.append(_rec(len(recs), s, y, d))
+            xs.append(rng.normal(size=8) + np.r_[1.2 * y, offset, 0.8 * (d == "melanoma"), np.zeros(5)])
+    return recs, np.array(xs, dtype=np.float32)
+
+
+def test_decision_rule_keeps_the_target_in_every_training_source_of_a_type():
+    from skinscan import metrics
+    from skinscan.loso import apply_rule, decision_rule
+
+    recs, x = _synthetic()
+    logits = x[:, 0] * 2 + np.random.default_rng(1).normal(size=len(x))
+    rule = decision_rule(logits, recs, 0.95)
+    assert set(rule) == {"dermoscopic", "phone"}
+    p, t = apply_rule(logits, recs, rule)
+    for s in ("isic-mvb", "ham10000", "fitzpatrick17k", "dermnet-nz"):
+        m = np.array([r.source == s for r in recs])
+        y = np.array([r.label for r in recs])[m]
+        assert (p[m][y == 1] >= t[m][y == 1]).mean() >= 0.95
+    # the threshold of a type is the strictest source's: one source alone would allow a higher one
+    derm = np.array([r.source in ("isic-mvb", "ham10000") for r in recs])
+    y = np.array([r.label for r in recs])
+    alone = metrics.threshold_for_sensitivity(y[derm], p[derm], 0.95)
+    assert rule["dermoscopic"]["threshold"] <= alone + 1e-12
+
+
+def test_frozen_loso_never_lets_the_held_out_unit_choose_its_rule():
+    from skinscan.loso import Recipe, frozen_loso
+
+    recs, x = _synthetic()
+    recipe = Recipe("t", source_balance=0.5, diagnosis_balance=0.5, components=None)
+    a = frozen_loso(recs, x, recipe, units=["dermnet-nz"], in_source_folds=2, n_boot=50)
+    flipped = [
+        Record(r.path, 1 - r.label, r.source, r.key, group=r.group, diagnosis=r.diagnosis)
+        if r.source == "dermnet-nz"
+        else r
+        for r in recs
+    ]
+    b = frozen_loso(flipped, x, recipe, units=["dermnet-nz"], in_source_folds=2, n_boot=50)
+    held_a, held_b = a["held_out"]["dermnet-nz"], b["held_out"]["dermnet-nz"]
+    assert held_a["rule"] == held_b["rule"]  # chosen on the other sources only
+    assert held_a["auc"] > 0.75 and held_b["auc"] < 0.25  # the same scores, judged against flipped labels
+    assert held_a["n"] == 200 and 0 <= held_a["specificity_without_ak"] <= 1
+    assert held_a["diagnosis_balanced_accuracy"] > 0.3  # chance: 0.25 over 4 classes; features carry the label
+    assert set(a["in_source"]) == {"isic-mvb", "ham10000", "fitzpatrick17k", "dermnet-nz"}
+
+
+def test_loso_command_refuses_an_unknown_unit(tmp_path, capsys, pad_ufes):
+    pytest.importorskip("torch", reason="needs the train extra")
+    from skinscan.cli import main
+
+    code = main(["loso", "--data", str(pad_ufes), "--units", "nowhere", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --units: no source named nowhere") and "pad-ufes-20-phone" in err
+    assert not (tmp_path / "r").exists()

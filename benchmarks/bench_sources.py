@@ -1,0 +1,95 @@
+"""A bundled model on every source, as `skinscan loso` reports a held-out unit: AUC [95% CI], sensitivity
+and specificity at the model's own decisions (its threshold per detected photo type), melanoma
+sensitivity, specificity without actinic keratoses, diagnosis balanced accuracy (where the model has the
+head), and the quality gate's refusals per source and per skin-type group (I-II, III-IV, V-VI).
+
+Honest only on sources the model never trained on: the report marks each source the card lists among its
+training data as `seen` (its figures are then not evidence of anything).
+
+    python benchmarks/bench_sources.py --out benchmarks/results/sources-default
+    python benchmarks/bench_sources.py --model skinscan-lite0-phone-int8 --out benchmarks/results/sources-int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from skinscan.data import load_dataset
+from skinscan.evaluate import score
+from skinscan.loso import SKIN_TYPE_GROUPS, table, unit_figures
+from skinscan.predict import Predictor
+from skinscan.quality import NOT_A_LESION
+
+DATASETS = ("isic-mvb", "pad-ufes-20-phone", "isic-archive-more", "clinical-atlas")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model file or bundled name (default: the default model)")
+    ap.add_argument("--data-root", default=os.environ.get("SKINSCAN_DATA", "../shared/datasets"))
+    ap.add_argument("--out", required=True, help="folder for sources.json and sources.md")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args()
+
+    predictor = Predictor(args.model)
+    seen = set((predictor.card.model_extra or {}).get("training", {}).get("data", {}).get("per_source", {}))
+    root = Path(args.data_root)
+    records = []
+    for d in DATASETS:
+        # isic-mvb: its test split (its train split is what the bundled models learned from)
+        records += load_dataset(root / d, split="test" if d == "isic-mvb" else None)
+    probs, preds = score(predictor, records)
+    result: dict = {"model": predictor.info(), "held_out": {}, "gate": {}}
+    for source in sorted({r.source for r in records}):
+        ix = [i for i, r in enumerate(records) if r.source == source and preds[i].ok]
+        recs = [records[i] for i in ix]
+        p = probs[ix]
+        t = np.array([preds[i].threshold for i in ix])
+        diag = np.array(
+            [
+                np.log(np.maximum(list(preds[i].diagnoses.values()), 1e-12)) if preds[i].diagnoses else [-np.inf] * 10
+                for i in ix
+            ]
+        )
+        name = f"{source} (seen in training)" if source in seen else source
+        result["held_out"][name] = unit_figures(recs, p, t, diag, args.bootstrap)
+        result["held_out"][name]["photo_types"] = dict(Counter(preds[i].photo_type for i in ix))
+        refused = [NOT_A_LESION in (preds[i].quality_report.problems if preds[i].quality_report else ()) for i in ix]
+        retake = [preds[i].quality == "retake" for i in ix]
+        entry = {"n": len(ix), "not_a_lesion": float(np.mean(refused)), "any_retake": float(np.mean(retake))}
+        groups = [SKIN_TYPE_GROUPS.get(r.skin_type) for r in recs]
+        for g in ("I-II", "III-IV", "V-VI"):
+            m = [k for k, v in enumerate(groups) if v == g]
+            if m:
+                entry[f"not_a_lesion_{g}"] = float(np.mean([refused[k] for k in m]))
+                entry[f"n_{g}"] = len(m)
+        result["gate"][source] = entry
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sources.json").write_text(json.dumps(result, indent=2, default=float))
+    gate_rows = [
+        "| source | n | not a lesion | any retake | not a lesion I-II / III-IV / V-VI |",
+        "|---|---|---|---|---|",
+    ]
+    for s, e in result["gate"].items():
+        by = " / ".join(
+            f"{e[f'not_a_lesion_{g}']:.3f}" if f"not_a_lesion_{g}" in e else "-" for g in ("I-II", "III-IV", "V-VI")
+        )
+        gate_rows.append(f"| {s} | {e['n']} | {e['not_a_lesion']:.3f} | {e['any_retake']:.3f} | {by} |")
+    text = (
+        f"# {predictor.card.name} {predictor.card.version} on every source\n\n"
+        f"`python benchmarks/bench_sources.py{' --model ' + args.model if args.model else ''} --out {args.out}`\n\n"
+        f"{table(result)}\n\n## Quality gate refusals\n\n" + "\n".join(gate_rows) + "\n"
+    )
+    (out / "sources.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

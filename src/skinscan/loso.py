@@ -1,0 +1,480 @@
+"""Leave-one-source-out evaluation: train on every source but one, score the one held out.
+
+It is the proxy for image sets skinscan never sees (other cameras, dermatoscopes, skin types): each
+held-out unit is a source (`Record.source`) that no choice saw, scored beside the in-source figure of one
+pooled source-stratified grouped K-fold run. Two protocols:
+
+- `frozen`: ImageNet EfficientNet-Lite features of every image (computed once, cached), then logistic
+  regression heads for malignancy and diagnosis, drawn as the training sampler draws
+  (`data.sampling_weights`). Minutes on a CPU: for choosing data, balance and decision rules. It cannot see
+  augmentation or fine-tuning, so it ranks recipes, it does not predict the shipped model's figures.
+- `finetune`: the whole training recipe per held-out unit (`train.train` without that source), scored by
+  the best checkpoint. For a GPU (one Lite0 run takes about a minute there, close to an hour here).
+
+Decisions travel the way the shipped model makes them: a temperature and a threshold per photo type
+(dermoscopic or phone, known here from each source), fitted on out-of-fold predictions of the training
+sources only; the threshold is the highest that keeps `target` sensitivity in every training source of
+that type with enough cancers. The held-out unit then shows whether that sensitivity holds on a source
+never seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .data import DIAGNOSES, Record, grouped_kfold, sampling_weights
+from .errors import SkinscanError
+from .phototype import SOURCE_PHOTO_TYPE
+from .preprocess import PreprocessSpec, load_pixels
+
+log = logging.getLogger(__name__)
+
+MIN_CANCERS_FOR_THRESHOLD = 20  # a training source with fewer cancers does not set its type's threshold
+SKIN_TYPE_GROUPS = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}
+PHONE_DIAGNOSES = ("melanoma", "bcc", "scc", "actinic_keratosis", "nevus", "benign_keratosis")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a frozen-protocol head learns from: the sampler's balance and the diagnosis head's use."""
+
+    name: str
+    sources: tuple[str, ...] | None = None  # train only on these sources (None: every source but the held-out)
+    source_weights: dict[str, float] | None = None
+    source_balance: float = 1.0
+    diagnosis_balance: float = 1.0
+    target_sensitivity: float = 0.95
+    C: float = 0.5  # inverse L2 strength of the logistic regressions (features standardised)
+    components: int = 256  # principal components of the training features the heads see (speed; None: all)
+
+
+# ---------------------------------------------------------------------------------------------- features
+def embed(
+    records: Sequence[Record],
+    spec: PreprocessSpec,
+    arch: str = "efficientnet-lite0",
+    cache: Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> np.ndarray:
+    """ImageNet features (global-average-pooled last feature map) of each record's preprocessed image.
+
+    Cached in `cache` (an .npz keyed by record uid and the file's md5-free identity): a rerun embeds only
+    the images it lacks. Needs the `train` extra (torch)."""
+    from tqdm.auto import tqdm
+
+    from .model import LesionNet
+    from .train import torch
+
+    stored: dict[str, np.ndarray] = {}
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            stored = dict(zip((str(k) for k in z["uids"]), z["features"], strict=True))
+    todo = [r for r in records if r.uid not in stored]
+    if todo:
+        net = LesionNet(arch, pretrained=True, image_size=spec.size).eval().to(memory_format=torch.channels_last)
+        from .preprocess import normalise
+
+        bar = tqdm(total=len(todo), desc="embedding (ImageNet features)", unit="img", disable=not progress)
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            px = np.stack([load_pixels(r.path, spec) for r in chunk])
+            with torch.inference_mode():
+                x = torch.from_numpy(normalise(px, spec)).contiguous(memory_format=torch.channels_last)
+                feats = net.features(x).mean(dim=(2, 3)).numpy()
+            stored.update(zip((r.uid for r in chunk), feats, strict=True))
+            bar.update(len(chunk))
+            if cache is not None and (i // batch_size) % 20 == 19:  # never lose more than ~1300 images' work
+                _save_cache(cache, stored)
+        bar.close()
+        if cache is not None:
+            _save_cache(cache, stored)
+    return np.stack([stored[r.uid] for r in records]).astype(np.float32)
+
+
+def _save_cache(path: Path, stored: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, uids=np.array(list(stored)), features=np.stack(list(stored.values())))
+    tmp.replace(path)
+
+
+def cache_name(spec: PreprocessSpec, arch: str) -> str:
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"features-{arch}-{digest}.npz"
+
+
+# ------------------------------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class Scores:
+    """Out-of-sample scores of some records: malignancy logits and balanced diagnosis log-probabilities."""
+
+    logits: np.ndarray
+    diagnosis: np.ndarray  # (N, len(DIAGNOSES)); -inf for classes the training data lacked
+
+
+def fit_and_score(x_train: np.ndarray, train: Sequence[Record], x_test: np.ndarray, recipe: Recipe) -> Scores:
+    """Logistic-regression heads fitted on `train` with the sampler's weights; scores of `x_test`.
+
+    The diagnosis scores divide out the training prior (the sampler's diagnosis shares), so every class
+    counts alike: balanced accuracy is what the diagnosis head is judged by."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    w = sampling_weights(train, recipe.source_weights, recipe.source_balance, recipe.diagnosis_balance)
+    w = w * len(train)  # mean weight 1: C keeps its meaning
+    steps = [StandardScaler()] + (
+        [PCA(recipe.components, random_state=0), StandardScaler()] if recipe.components else []
+    )
+    scaler = make_pipeline(*steps).fit(x_train)  # fitted on the training images only
+    xa, xb = scaler.transform(x_train), scaler.transform(x_test)
+    y = np.array([r.label for r in train])
+    mal = LogisticRegression(C=recipe.C, max_iter=2000).fit(xa, y, sample_weight=w)
+    logits = mal.decision_function(xb)
+
+    has = np.array([r.diagnosis is not None for r in train])
+    diag = np.full((len(x_test), len(DIAGNOSES)), -np.inf)
+    if has.sum() and len({r.diagnosis for r in train if r.diagnosis}) >= 2:
+        d = np.array([DIAGNOSES.index(r.diagnosis) for r in train if r.diagnosis])
+        head = LogisticRegression(C=recipe.C, max_iter=2000).fit(xa[has], d, sample_weight=w[has])
+        prior = np.bincount(d, weights=w[has], minlength=len(DIAGNOSES))
+        prior = prior / prior.sum()
+        with np.errstate(divide="ignore"):
+            logp = head.predict_log_proba(xb) - np.log(prior[head.classes_])
+        diag[:, head.classes_] = logp
+    return Scores(logits, diag)
+
+
+# ----------------------------------------------------------------------------------------- decision rule
+def photo_type(source: str) -> str:
+    try:
+        return SOURCE_PHOTO_TYPE[source]
+    except KeyError:
+        raise SkinscanError(f"source {source!r}: which kind of photo (dermoscopic or phone) is not known") from None
+
+
+def decision_rule(logits: np.ndarray, records: Sequence[Record], target: float) -> dict[str, dict[str, float]]:
+    """{photo type: {temperature, threshold}} from out-of-fold logits of training records: a temperature
+    per type, then the highest threshold that keeps `target` sensitivity in every source of that type
+    with at least MIN_CANCERS_FOR_THRESHOLD cancers (all of the type's records if none has)."""
+    y = np.array([r.label for r in records])
+    types = np.array([photo_type(r.source) for r in records])
+    src = np.array([r.source for r in records])
+    rule = {}
+    for t in sorted(set(types)):
+        m = types == t
+        temperature = metrics.fit_temperature(logits[m], y[m])
+        p = metrics.sigmoid(logits / temperature)
+        per_source = [
+            metrics.threshold_for_sensitivity(y[m & (src == s)], p[m & (src == s)], target)
+            for s in sorted(set(src[m]))
+            if y[m & (src == s)].sum() >= MIN_CANCERS_FOR_THRESHOLD
+        ]
+        threshold = min(per_source) if per_source else metrics.threshold_for_sensitivity(y[m], p[m], target)
+        rule[t] = {"temperature": float(temperature), "threshold": float(threshold)}
+    return rule
+
+
+def apply_rule(logits: np.ndarray, records: Sequence[Record], rule: dict[str, dict[str, float]]):
+    """Calibrated probabilities and thresholds of each record under `rule` (its type's; the other type's
+    when the rule has none of that type)."""
+    p, t = np.empty(len(records)), np.empty(len(records))
+    for i, r in enumerate(records):
+        kind = photo_type(r.source)
+        entry = rule.get(kind) or next(iter(rule.values()))
+        p[i] = metrics.sigmoid(logits[i] / entry["temperature"])
+        t[i] = entry["threshold"]
+    return p, t
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def unit_figures(records: Sequence[Record], p: np.ndarray, t: np.ndarray, diag: np.ndarray, n_boot: int) -> dict:
+    """Everything reported for one held-out unit (or one source's out-of-fold predictions)."""
+    y = np.array([r.label for r in records])
+    groups = [r.patient or r.group for r in records]
+    out: dict = {"n": len(records), "n_malignant": int(y.sum())}
+    refer = p >= t
+    if 0 < y.sum() < len(y):
+        m = metrics.binary_metrics(y, p, t, groups, n_boot=n_boot)
+        out |= {"auc": m.auc, "auc_ci": list(m.auc_ci), "sensitivity": m.sensitivity, "specificity": m.specificity}
+        out |= {"ece": m.ece, "threshold": m.threshold}
+    mel = np.array([r.diagnosis == "melanoma" for r in records])
+    if mel.any():
+        out["melanoma_sensitivity"] = float(refer[mel].mean())
+        out["n_melanoma"] = int(mel.sum())
+    benign_no_ak = (y == 0) & np.array([r.diagnosis != "actinic_keratosis" for r in records])
+    if benign_no_ak.any() and benign_no_ak.sum() < (y == 0).sum():
+        out["specificity_without_ak"] = float((~refer[benign_no_ak]).mean())
+    out |= diagnosis_figures(records, diag)
+    skin = skin_type_figures(records, p, t, n_boot)
+    if skin:
+        out["by_skin_type_group"] = skin
+    return out
+
+
+def diagnosis_figures(records: Sequence[Record], diag: np.ndarray, classes: Sequence[str] | None = None) -> dict:
+    """Balanced accuracy of the diagnosis scores over the classes present (>= 5 images each), restricted to
+    `classes` when given; with each class's recall."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    idx = [i for i, r in enumerate(records) if r.diagnosis and (classes is None or r.diagnosis in classes)]
+    if not idx or not np.isfinite(diag[idx]).any():
+        return {}
+    truth = [records[i].diagnosis for i in idx]
+    counts = {c: truth.count(c) for c in set(truth)}
+    keep = [i for i, c in zip(idx, truth, strict=True) if counts[c] >= 5]
+    if len({records[i].diagnosis for i in keep}) < 2:
+        return {}
+    y = [records[i].diagnosis for i in keep]
+    pred = [DIAGNOSES[int(np.argmax(diag[i]))] for i in keep]
+    recall = {c: float(np.mean([q == c for q, yy in zip(pred, y, strict=True) if yy == c])) for c in sorted(set(y))}
+    return {"diagnosis_balanced_accuracy": float(balanced_accuracy_score(y, pred)), "diagnosis_recall": recall}
+
+
+def skin_type_figures(records: Sequence[Record], p: np.ndarray, t: np.ndarray, n_boot: int) -> dict:
+    """AUC [interval], sensitivity and specificity per skin-type group (I-II, III-IV, V-VI) where recorded."""
+    groups = [SKIN_TYPE_GROUPS.get(r.skin_type) for r in records]
+    out = {}
+    for g in ("I-II", "III-IV", "V-VI"):
+        ix = np.array([i for i, v in enumerate(groups) if v == g])
+        if len(ix) == 0:
+            continue
+        y = np.array([records[i].label for i in ix])
+        entry: dict = {"n": len(ix), "n_malignant": int(y.sum())}
+        if 0 < y.sum() < len(ix):
+            m = metrics.binary_metrics(y, p[ix], t[ix], [records[i].group for i in ix], n_boot=n_boot)
+            entry |= {"auc": m.auc, "auc_ci": list(m.auc_ci), "sensitivity": m.sensitivity}
+            entry |= {"specificity": m.specificity}
+        out[g] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def _oof(x: np.ndarray, records: Sequence[Record], recipe: Recipe, k: int, seed: int) -> Scores:
+    """Out-of-fold scores of `records` from K grouped folds (each fold's heads fitted on the others)."""
+    index = {r.uid: i for i, r in enumerate(records)}
+    logits = np.empty(len(records))
+    diag = np.full((len(records), len(DIAGNOSES)), -np.inf)
+    for train, val in grouped_kfold(list(records), k, seed):
+        ti = np.array([index[r.uid] for r in train])
+        vi = np.array([index[r.uid] for r in val])
+        s = fit_and_score(x[ti], train, x[vi], recipe)
+        logits[vi], diag[vi] = s.logits, s.diagnosis
+    return Scores(logits, diag)
+
+
+def frozen_loso(
+    records: Sequence[Record],
+    x: np.ndarray,
+    recipe: Recipe,
+    units: Sequence[str] | None = None,
+    inner_folds: int = 3,
+    in_source_folds: int = 5,
+    seed: int = 0,
+    n_boot: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The frozen protocol's table: per held-out unit, figures of heads trained on the other sources (the
+    decision rule from their inner out-of-fold scores); and per source, the pooled in-source K-fold
+    figures (each fold's rule from inner folds of its own training part)."""
+    records = list(records)
+    units = list(units or sorted({r.source for r in records}))
+    src = np.array([r.source for r in records])
+    allowed = np.ones(len(records), bool) if recipe.sources is None else np.isin(src, recipe.sources)
+    out: dict = {"recipe": recipe.__dict__, "held_out": {}, "in_source": {}}
+    for unit in units:
+        if progress:
+            progress(f"held out: {unit}")
+        tr = np.flatnonzero((src != unit) & allowed)
+        te = np.flatnonzero(src == unit)
+        train = [records[i] for i in tr]
+        inner = _oof(x[tr], train, recipe, inner_folds, seed)
+        rule = decision_rule(inner.logits, train, recipe.target_sensitivity)
+        s = fit_and_score(x[tr], train, x[te], recipe)
+        test = [records[i] for i in te]
+        p, t = apply_rule(s.logits, test, rule)
+        out["held_out"][unit] = unit_figures(test, p, t, s.diagnosis, n_boot) | {"rule": rule}
+        if unit == "pad-ufes-20-phone":
+            out["held_out"][unit]["phone_diagnoses"] = diagnosis_figures(test, s.diagnosis, PHONE_DIAGNOSES)
+    # in-source: one pooled grouped K-fold over the allowed sources
+    pool = np.flatnonzero(allowed)
+    pooled = [records[i] for i in pool]
+    if progress:
+        progress(f"in-source {in_source_folds}-fold")
+    index = {r.uid: i for i, r in enumerate(pooled)}
+    p_all, t_all = np.empty(len(pooled)), np.empty(len(pooled))
+    d_all = np.full((len(pooled), len(DIAGNOSES)), -np.inf)
+    for train, val in grouped_kfold(pooled, in_source_folds, seed):
+        ti = np.array([index[r.uid] for r in train])
+        vi = np.array([index[r.uid] for r in val])
+        inner = _oof(x[pool][ti], train, recipe, inner_folds, seed)
+        rule = decision_rule(inner.logits, train, recipe.target_sensitivity)
+        s = fit_and_score(x[pool][ti], train, x[pool][vi], recipe)
+        p_all[vi], t_all[vi] = apply_rule(s.logits, val, rule)
+        d_all[vi] = s.diagnosis
+    psrc = np.array([r.source for r in pooled])
+    for unit in sorted(set(psrc)):
+        m = np.flatnonzero(psrc == unit)
+        sub = [pooled[i] for i in m]
+        out["in_source"][unit] = unit_figures(sub, p_all[m], t_all[m], d_all[m], n_boot)
+        if unit == "pad-ufes-20-phone":
+            out["in_source"][unit]["phone_diagnoses"] = diagnosis_figures(sub, d_all[m], PHONE_DIAGNOSES)
+    return out
+
+
+# ------------------------------------------------------------------------------------- finetune protocol
+def finetune_loso(
+    cfg,
+    records: Sequence[Record],
+    out: Path,
+    units: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """The whole training recipe per held-out unit: `train.train(cfg without that source)` into
+    `out/held-out-<unit>/` (resumed where a run is there), the decision rule from that run's validation
+    predictions (training sources only), then its best checkpoint scores the unit."""
+    from .train import load_training_records, train
+
+    records = list(records)
+    trainable = {r.source for r in load_training_records(cfg)[0]}
+    units = list(units or sorted({r.source for r in records}))
+    result: dict = {"recipe": {"protocol": "finetune", "config": cfg.model_dump()}, "held_out": {}}
+    for unit in units:
+        run = out / f"held-out-{unit}"
+        unit_cfg = cfg
+        if unit in trainable:
+            unit_cfg = cfg.model_copy(update={"exclude_sources": sorted({*(cfg.exclude_sources or []), unit})})
+        if not (run / "calibration.json").is_file():
+            train(unit_cfg, run, resume=(run / "config.yaml").is_file(), progress=progress)
+        test = [r for r in records if r.source == unit]
+        scores = score_run(run, test, progress)
+        rule = run_rule(run, unit_cfg)
+        p, t = apply_rule(scores.logits, test, rule)
+        result["held_out"][unit] = unit_figures(test, p, t, scores.diagnosis, n_boot) | {"rule": rule}
+        if unit == "pad-ufes-20-phone":
+            result["held_out"][unit]["phone_diagnoses"] = diagnosis_figures(test, scores.diagnosis, PHONE_DIAGNOSES)
+    return result
+
+
+def run_rule(run: Path, cfg) -> dict[str, dict[str, float]]:
+    """The decision rule of a training run, from its validation predictions (its training sources only)."""
+    from .train import load_training_records
+
+    val = np.load(run / "val_predictions.npz")
+    by_uid = {r.uid: r for r in load_training_records(cfg)[0]}
+    recs = [by_uid[str(k)] for k in val["keys"]]
+    return decision_rule(val["logits"], recs, cfg.target_sensitivity)
+
+
+def score_run(run: Path, records: Sequence[Record], progress: bool = True) -> Scores:
+    """Malignancy logits and balanced diagnosis log-probabilities of `records` by a run's best checkpoint."""
+    from tqdm.auto import tqdm
+
+    from .export import load_run_model
+    from .preprocess import normalise
+    from .train import torch
+
+    net, cfg = load_run_model(run)
+    spec = cfg.preprocess_spec()
+    cal = json.loads((run / "calibration.json").read_text())
+    prior = cal.get("diagnosis_prior")
+    logits, diag = [], []
+    bar = tqdm(total=len(records), desc=f"scoring with {run.name}", unit="img", disable=not progress)
+    for i in range(0, len(records), 64):
+        chunk = records[i : i + 64]
+        x = torch.from_numpy(normalise(np.stack([load_pixels(r.path, spec) for r in chunk]), spec))
+        with torch.inference_mode():
+            z, d = net.forward_both(x.contiguous(memory_format=torch.channels_last))
+        logits.append(z.numpy())
+        if d is not None and prior:
+            p = np.array([prior[c] for c in DIAGNOSES])
+            shifted = d.numpy() - np.log(np.where(p > 0, p, 1.0)) + np.where(p > 0, 0.0, -1e4)
+            diag.append(shifted - np.logaddexp.reduce(shifted, axis=1, keepdims=True))
+        bar.update(len(chunk))
+    bar.close()
+    d_all = np.concatenate(diag) if diag else np.full((len(records), len(DIAGNOSES)), -np.inf)
+    return Scores(np.concatenate(logits), d_all)
+
+
+# --------------------------------------------------------------------------------------------------- report
+def write_report(result: dict, out: Path, title: str) -> Path:
+    """loso.json, report.md (one row per unit) and loso.png (AUC with intervals) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loso.json").write_text(json.dumps(result, indent=2, default=float))
+    lines = [f"# {title}", "", table(result), ""]
+    png = plot_auc({title: result}, out / "loso.png")
+    lines += [f"![AUC per held-out unit]({png.name})", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def table(result: dict) -> str:
+    """A Markdown table: held-out units, then the in-source figures."""
+    head = (
+        "| unit | n (cancers) | AUC [95% CI] | sens / spec | melanoma sens | spec w/o AK | diagnosis bal. acc |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for part, label in (("held_out", "held out"), ("in_source", "in-source CV")):
+        for unit, f in result.get(part, {}).items():
+            ci = f.get("auc_ci") or [None, None]
+            rows.append(
+                f"| {unit} ({label}) | {f['n']} ({f['n_malignant']}) | {_fmt(f.get('auc'))} "
+                f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {_fmt(f.get('sensitivity'))} / {_fmt(f.get('specificity'))} | "
+                f"{_fmt(f.get('melanoma_sensitivity'))} | {_fmt(f.get('specificity_without_ak'))} | "
+                f"{_fmt(f.get('diagnosis_balanced_accuracy'))} |"
+            )
+    return "\n".join(rows)
+
+
+def plot_auc(results: dict[str, dict], path: Path) -> Path:
+    """Held-out AUC with its interval per unit, one marker per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = sorted({u for r in results.values() for u in r.get("held_out", {})})
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(units) + 1.5))
+    for k, (name, r) in enumerate(results.items()):
+        ys = np.arange(len(units)) + 0.15 * (k - (len(results) - 1) / 2)
+        for y, u in zip(ys, units, strict=True):
+            f = r.get("held_out", {}).get(u)
+            if f and f.get("auc") is not None:
+                lo, hi = f.get("auc_ci") or (f["auc"], f["auc"])
+                ax.errorbar(
+                    f["auc"],
+                    y,
+                    xerr=[[f["auc"] - lo], [hi - f["auc"]]],
+                    fmt="o",
+                    color=f"C{k}",
+                    label=name if u == units[0] or y == ys[0] else None,
+                    capsize=3,
+                )
+    ax.set_yticks(np.arange(len(units)), units)
+    ax.set_xlabel("ROC AUC on the held-out unit (95% bootstrap interval)")
+    ax.axvline(0.5, color="grey", lw=0.5)
+    ax.set_xlim(0.4, 1.0)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    ax.legend(uniq.values(), uniq.keys(), loc="lower left", fontsize=8)
+    ax.set_title("Leave-one-source-out")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
