@@ -112,3 +112,42 @@ def write_image(tmp_path: Path) -> Callable[..., Path]:
 def near(pixel, colour, tol: int = 40) -> bool:
     """Every channel of `pixel` within `tol` of `colour` (lossy codecs move colours a little)."""
     return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, colour, strict=True))
+
+
+@pytest.fixture(scope="session")
+def diagnosis_model(tmp_path_factory, model_path: Path) -> Path:
+    """The default model with a diagnosis output grafted on (a fixed random linear head on its embedding,
+    log-softmax; the card names the classes): plumbing tests of `diagnosis` without training a network.
+    Its diagnoses mean nothing; the figures of a trained head come from `skinscan loso`."""
+    onnx = pytest.importorskip("onnx", reason="needs the train extra (onnx) to write a model")
+    import json
+
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from skinscan.card import CARD_KEY, write_card
+    from skinscan.data import DIAGNOSES
+
+    model = onnx.load(str(model_path))
+    dim = next(o for o in model.graph.output if o.name == "embedding").type.tensor_type.shape.dim[1].dim_value
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (dim, len(DIAGNOSES))).astype(np.float32)
+    b = np.zeros(len(DIAGNOSES), np.float32)
+    model.graph.initializer.extend([numpy_helper.from_array(w, "diag_w"), numpy_helper.from_array(b, "diag_b")])
+    model.graph.node.extend(
+        [
+            helper.make_node("MatMul", ["embedding", "diag_w"], ["diag_mm"]),
+            helper.make_node("Add", ["diag_mm", "diag_b"], ["diag_raw"]),
+            helper.make_node("LogSoftmax", ["diag_raw"], ["diagnosis"], axis=1),
+        ]
+    )
+    model.graph.output.append(
+        helper.make_tensor_value_info("diagnosis", onnx.TensorProto.FLOAT, [None, len(DIAGNOSES)])
+    )
+    out = tmp_path_factory.mktemp("diagnosis") / "with-diagnosis.onnx"
+    onnx.save(model, str(out))
+    card = json.loads({p.key: p.value for p in model.metadata_props}[CARD_KEY])
+    card["outputs"] = [*card["outputs"], "diagnosis"]
+    card["diagnosis"] = {"classes": list(DIAGNOSES), "prior": {c: 0.1 for c in DIAGNOSES}}
+    write_card(out, card)
+    return out

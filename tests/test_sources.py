@@ -232,3 +232,44 @@ def test_loso_command_refuses_an_unknown_unit(tmp_path, capsys, pad_ufes):
     err = capsys.readouterr().err
     assert err.startswith("error: --units: no source named nowhere") and "pad-ufes-20-phone" in err
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------ the diagnosis in the results
+def test_predictor_service_and_cli_carry_the_diagnosis(diagnosis_model, tmp_path, capsys):
+    import base64
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    from skinscan.cli import main
+    from skinscan.data import DIAGNOSIS_LABELS
+    from skinscan.predict import Predictor
+    from skinscan.preprocess import load_pixels, normalise
+    from skinscan.service import Settings, create_app
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))[:3]
+    predictor = Predictor(diagnosis_model)
+    batch = normalise(np.stack([load_pixels(p, predictor.spec) for p in examples]), predictor.spec)
+    logp = predictor.run(batch)["diagnosis"]
+    results = predictor.predict(examples, force=True)
+    for r, row in zip(results, logp, strict=True):
+        assert r.diagnosis == DIAGNOSES[int(np.argmax(row))]
+        assert r.diagnoses == pytest.approx(dict(zip(DIAGNOSES, np.exp(row), strict=True)), abs=1e-4)
+        assert r.to_dict()["diagnosis_label"] == DIAGNOSIS_LABELS[r.diagnosis]
+    # a retake that is not forced carries no diagnosis either: nothing is said about a photo not judged
+    assert all(r.diagnosis is None for r in predictor.predict(examples) if r.probability is None)
+
+    with TestClient(create_app(Settings(model=diagnosis_model), predictor=predictor)) as client:
+        image = base64.b64encode(examples[0].read_bytes()).decode()
+        body = client.post("/v1/predict?force=true", json={"image": image}).json()
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictResponse"]["properties"]
+    assert body["diagnosis"] == results[0].diagnosis and body["diagnosis_label"] == DIAGNOSIS_LABELS[body["diagnosis"]]
+    assert set(body["diagnoses"]) == set(DIAGNOSES)
+    assert {"diagnosis", "diagnosis_label", "diagnoses"} <= set(schema)
+
+    out = tmp_path / "rows.csv"
+    assert main(["predict", *map(str, examples), "--model", str(diagnosis_model), "--force", "-q", "-o", str(out)]) == 0
+    with out.open(newline="") as f:
+        assert [row["diagnosis"] for row in csv.DictReader(f)] == [r.diagnosis for r in results]
+    default = Predictor()
+    assert default.predict(examples[:1], force=True)[0].diagnosis is None  # no head: no diagnosis, no guess

@@ -461,6 +461,41 @@ def test_quality_ok_and_access_key(desktop: Page) -> None:
     assert not p.errors
 
 
+def test_looks_most_like_is_shown_below_the_advice_and_never_replaces_it(desktop: Page) -> None:
+    """A model with a diagnosis head: the page says what the photo looks most like, after the referral
+    advice and the estimate, with a note that the advice stands; a refer stays a refer whatever it looks like."""
+    body = {
+        "quality": "ok",
+        "reasons": [],
+        "probability": 0.31,
+        "decision": "refer",
+        "threshold": 0.2,
+        "advice": "Higher risk: see a dermatologist soon. This is a screening estimate, not a diagnosis.",
+        "diagnosis": "nevus",
+        "diagnosis_label": "a mole (nevus)",
+        "diagnoses": {"nevus": 0.6, "melanoma": 0.3, "bcc": 0.1},
+        "model": MODEL,
+        "timing_ms": {"total": 1.0},
+    }
+    p = desktop
+    _mock_predict(p.page, [(200, body), (200, {k: v for k, v in body.items() if not k.startswith("diagnos")})], [])
+    p.upload(EXAMPLES["isic-benign-1"])
+    p.page.wait_for_selector(".looks-like:not([hidden])")
+    assert p.text(".decision-title") == "See a dermatologist soon"
+    assert p.text(".looks-like-value") == "a mole (nevus)"
+    assert "not a diagnosis" in p.text(".looks-like") and "stands" in p.text(".looks-like")
+    order = p.page.evaluate(
+        "() => [...document.querySelectorAll('.decision, .gauge, .looks-like')].map(e => e.className.split(' ')[0])"
+    )
+    assert order == ["decision", "gauge", "looks-like"]  # secondary: after the advice and the estimate
+    p.upload(EXAMPLES["isic-benign-1"])  # a model without the head: nothing is said
+    p.page.wait_for_function(
+        "() => document.querySelectorAll('.looks-like').length && "
+        "[...document.querySelectorAll('.looks-like')].every(e => e.hidden)"
+    )
+    assert not p.errors
+
+
 def test_blurred_photo_asks_for_a_retake(desktop: Page, server: str, tmp_path: Path) -> None:
     """End to end with the real quality gate. Until the gate exists (Prediction has no `quality`) there
     is nothing to check here: test_retake_advice_and_check_anyway covers the page's side meanwhile."""

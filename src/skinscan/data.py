@@ -45,6 +45,19 @@ DIAGNOSES = (
     "other_malignant",
     "other_benign",
 )
+# how people read each class (the page and the CLI show these)
+DIAGNOSIS_LABELS = {
+    "melanoma": "melanoma (a skin cancer)",
+    "bcc": "basal cell carcinoma (a skin cancer)",
+    "scc": "squamous cell carcinoma (a skin cancer)",
+    "actinic_keratosis": "actinic keratosis (a sun-damage spot that doctors treat)",
+    "nevus": "a mole (nevus)",
+    "benign_keratosis": "a seborrheic or other benign keratosis",
+    "dermatofibroma": "a dermatofibroma (a harmless skin nodule)",
+    "vascular": "a blood-vessel spot (e.g. angioma)",
+    "other_malignant": "another skin cancer",
+    "other_benign": "another harmless growth",
+}
 MALIGNANT_DIAGNOSES = frozenset({"melanoma", "bcc", "scc", "other_malignant"})
 # the phone set's diagnostic codes -> classes
 _DIAGNOSIS_CODES = {

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .answers import Adjustment, Answers, apply_answers, section_from_card
 from .card import ADVICE, ModelCard, card_from_metadata, resolve_model, sha256_file
-from .data import IMAGE_SUFFIXES
+from .data import DIAGNOSIS_LABELS, IMAGE_SUFFIXES
 from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
 from .metrics import sigmoid
 from .phototype import PhotoTypes
@@ -104,6 +104,7 @@ class Prediction:
             "image_probability": self.image_probability,
             "photo_type": self.photo_type,
             "diagnosis": self.diagnosis,
+            "diagnosis_label": DIAGNOSIS_LABELS.get(self.diagnosis) if self.diagnosis else None,
             "diagnoses": None if self.diagnoses is None else dict(self.diagnoses),
             "timings_ms": dict(self.timings_ms),
         }

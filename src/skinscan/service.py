@@ -169,6 +169,15 @@ class PredictResponse(BaseModel):
         default_factory=list, description="how each known answer moved the estimate (none without answers)"
     )
     image_probability: float | None = Field(None, description="the photo's estimate alone, when answers moved it")
+    diagnosis: str | None = Field(
+        None,
+        description="the kind of lesion the photo looks most like (models with a diagnosis head; null otherwise): "
+        "what it resembles, not a diagnosis; the referral advice comes from `probability` alone",
+    )
+    diagnosis_label: str | None = Field(None, description="`diagnosis` in words, e.g. 'a mole (nevus)'")
+    diagnoses: dict[str, float] | None = Field(
+        None, description="each kind's probability with every kind counting alike (the training mix divided out)"
+    )
     # only with ?explain=true (see skinscan.explain for what the map shows)
     heatmap_png: str | None = Field(
         None,

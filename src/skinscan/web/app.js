@@ -451,6 +451,11 @@ function showResult(body, { combined = false, retry = null } = {}) {
     track.style.setProperty("--t", String(body.threshold));
     gauge.querySelector(".gauge-threshold-label").textContent =
       `The dashed line is the referral threshold (${tText}): at or above it, skinscan suggests seeing a dermatologist.`;
+    if (body.diagnosis_label) {
+      const looks = show(".looks-like");
+      looks.dataset.diagnosis = body.diagnosis;
+      looks.querySelector(".looks-like-value").textContent = body.diagnosis_label;
+    }
   }
   setResult(node);
 }
