@@ -30,6 +30,12 @@ from PIL import Image
 from .predict import Prediction
 from .preprocess import ImageSource, decode_image
 
+# How the overlay reads, in the same words wherever it is shown (CLI, API schema, web page).
+HEATMAP_LEGEND = (
+    "coloured = where the photo swayed the estimate most, up or down, compared with the rest of the photo "
+    "(red most); uncoloured parts swayed it least. Colour is not a sign of cancer by itself"
+)
+
 # Longest side of the overlays written by the CLI and returned by the service: the map has 7x7 cells,
 # so more pixels add bytes, not information.
 DEFAULT_MAX_SIDE = 1024
