@@ -433,7 +433,7 @@ def test_service_answer_shape_errors(client: TestClient) -> None:
     image = b64(EXAMPLES[0])
     for payload, status, where in (
         ({"image": image, "answers": ["yes"]}, 422, "must be an object"),
-        ({"images": [image], "answers": {"bleed": "yes"}}, 400, "per image"),
+        ({"images": [image], "answers": {"bleed": "yes"}}, 422, "per image"),
     ):
         route = "/v1/predict/batch" if "images" in payload else "/v1/predict"
         r = client.post(route, json=payload)
