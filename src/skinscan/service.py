@@ -83,7 +83,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .answers import ANSWER_FIELDS, QUESTIONS, Answers
 from .errors import InvalidAnswers, InvalidImage
-from .explain import DEFAULT_MAX_SIDE, explain, png_bytes
+from .explain import DEFAULT_MAX_SIDE, HEATMAP_LEGEND, explain, png_bytes
 from .lesion import MAX_PHOTOS as MAX_LESION_PHOTOS
 from .lesion import combine_photos
 from .predict import Decoded, Prediction, Predictor
@@ -179,7 +179,7 @@ class PredictResponse(BaseModel):
     heatmap_png: str | None = Field(
         None,
         description="base64 PNG: the photo (longer side at most 1024 px) with the heatmap of influence blended "
-        "over it (red: swayed the estimate most, up or down; see skinscan.explain)",
+        f"over it: {HEATMAP_LEGEND} (see skinscan.explain)",
     )
     heatmap: list[list[float]] | None = Field(
         None,
