@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,7 +123,7 @@ def logit(p: float) -> float:
         ({"itch": "maybe"}, "itch", "yes, no or unknown"),
         ({"bleed": 1}, "bleed", "yes, no or unknown"),
         ({"sex": "f"}, "sex", "female, male"),
-        ({"body_site": "knee"}, "body_site", "face"),
+        ({"body_site": "elbow"}, "body_site", "face"),
         ({"bleeding": "yes"}, "bleeding", "did you mean 'bleed'"),
     ],
 )
@@ -231,8 +232,13 @@ def test_csv_matching_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         read_answers_csv(write_csv(tmp_path / "t4.csv", "path,bleeding\na/y.jpg,yes\n"))
     with pytest.raises(InvalidAnswers, match="needs a 'path' column"):
         read_answers_csv(write_csv(tmp_path / "t5.csv", "file,bleed\na/y.jpg,yes\n"))
-    with pytest.raises(InvalidAnswers, match=r"t6\.csv:3: invalid answer: age must be between 0 and 120"):
-        read_answers_csv(write_csv(tmp_path / "t6.csv", "path,age\na/y.jpg,40\nb/y.jpg,300\n"))
+    # a bad value is that row's error, kept for that image alone: the other rows still hold their answers
+    rows = read_answers_csv(write_csv(tmp_path / "t6.csv", "path,age\na/y.jpg,40\nb/y.jpg,300\n"))
+    got = match_answers(rows, inputs)
+    assert got[0].known() == {"age": 40.0}
+    assert isinstance(got[1], InvalidAnswers) and re.match(
+        r".*t6\.csv:3: invalid answer: age must be between 0 and 120", str(got[1])
+    )
     with pytest.raises(InvalidAnswers, match="does not exist"):
         read_answers_csv(tmp_path / "missing.csv")
 
@@ -427,7 +433,7 @@ def test_service_answer_shape_errors(client: TestClient) -> None:
     image = b64(EXAMPLES[0])
     for payload, status, where in (
         ({"image": image, "answers": ["yes"]}, 422, "must be an object"),
-        ({"images": [image], "answers": {"bleed": "yes"}}, 400, "per image"),
+        ({"images": [image], "answers": {"bleed": "yes"}}, 422, "per image"),
     ):
         route = "/v1/predict/batch" if "images" in payload else "/v1/predict"
         r = client.post(route, json=payload)
@@ -651,3 +657,25 @@ def test_web_questionnaire_on_a_phone(web, browser_page) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing to scroll sideways
     p.screenshot("phone-390x844-answers")
     p.check_clean()
+
+
+def test_other_sex_and_unfitted_body_sites_are_accepted_and_adjust_nothing(predictor) -> None:
+    """sex "other" (other / prefer not to say) and the sites the phone set never records (leg, knee,
+    other) are valid answers that move nothing: there is no data to measure them on."""
+    from skinscan.answers import NEUTRAL_ANSWERS
+
+    assert NEUTRAL_ANSWERS == {"sex": ("other",), "body_site": ("leg", "knee", "other")}
+    photo = "examples/isic-benign-1.jpg"
+    alone = predictor(photo)
+    for answers in (
+        Answers(sex="Other"),
+        Answers(body_site="knee"),
+        Answers(body_site="leg"),
+        Answers(body_site="other"),
+    ):
+        result = predictor(photo, answers=answers)
+        assert result.probability == alone.probability and result.adjustments == ()
+    with_bleed = predictor(photo, answers=Answers(sex="other", body_site="leg", bleed="yes"))
+    assert [a.answer for a in with_bleed.adjustments] == ["bleed"]
+    with pytest.raises(InvalidAnswers, match="sex must be one of female, male, other"):
+        Answers(sex="unknown-value")

@@ -14,7 +14,16 @@ import pytest
 from PIL import Image, ImageFilter
 
 from skinscan.cli import main
-from skinscan.explain import colorize, explain, influence, model_box, overlay, upsample
+from skinscan.explain import (
+    HEATMAP_LEGEND,
+    colorize,
+    explain,
+    influence,
+    model_box,
+    overlay,
+    smooth_upsample,
+    upsample,
+)
 from skinscan.predict import Predictor
 from skinscan.preprocess import load_pixels
 
@@ -120,6 +129,43 @@ def test_overlay_max_side_keeps_the_aspect_ratio() -> None:
     assert overlay(Image.new("RGB", (300, 200)), np.ones((7, 7)), max_side=1024).size == (300, 200)  # never enlarged
     with pytest.raises(ValueError, match="alpha"):
         overlay(Image.new("RGB", (8, 8)), np.ones((7, 7)), alpha=1.5)
+
+
+def test_a_lone_hot_cell_is_drawn_as_a_smooth_round_spot_and_the_rest_stays_uncoloured() -> None:
+    """A small nevus lights one cell: no hard-edged square (bilinear's tent), no tint where nothing swayed
+    the estimate (the legend says uncoloured parts swayed it least)."""
+    skin = np.array([200, 160, 140])
+    cam = np.zeros((7, 7))
+    cam[3, 3] = 5.0
+    out = np.asarray(overlay(Image.new("RGB", (224, 224), tuple(skin)), cam)).astype(int)
+    tint = np.abs(out - skin).sum(axis=2)  # how far each pixel is from the bare photo
+    assert tint[112, 112] > 150  # the hot cell is coloured
+    assert tint[:20, :20].max() <= 3 and tint[-20:, -20:].max() <= 3  # far away: the photo as it is
+    weight = smooth_upsample(influence(cam), 224, 224)
+    bilinear = upsample(influence(cam), 224, 224)  # what it was
+    # no edges: the smooth map's slope changes gently; bilinear's kinks (the square's edges) jump
+    kinks = [np.abs(np.diff(m, 2, axis=1)).max() for m in (weight, bilinear)]
+    assert kinks[0] < 0.1 * kinks[1]
+    r = 40  # round: as strong at distance r along an axis as along a diagonal
+    assert weight[112, 112 + r] == pytest.approx(weight[112 + round(r / 2**0.5), 112 + round(r / 2**0.5)], rel=0.08)
+    # bilinear's is a square: its corners reach further than its sides
+    assert bilinear[112, 112 + r] < 0.5 * bilinear[112 + round(r / 2**0.5), 112 + round(r / 2**0.5)]
+
+
+def test_the_heatmap_is_described_one_way_everywhere() -> None:
+    from skinscan.cli import build_parser
+
+    page = (Path(__file__).resolve().parents[1] / "src/skinscan/web/index.html").read_text()
+    assert " ".join(HEATMAP_LEGEND.split()) in " ".join(page.split()).replace("Coloured", "coloured", 1)
+    predict = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions if a.dest == "explain"
+    )
+    assert HEATMAP_LEGEND in predict.help
+    from skinscan.service import PredictResponse
+
+    assert HEATMAP_LEGEND in PredictResponse.model_fields["heatmap_png"].description
+    for stale in ("pushed the risk up", "blue marks"):
+        assert stale not in page and stale not in predict.help
 
 
 # ---------------------------------------------------------------- with a model
@@ -296,12 +342,15 @@ def test_cli_predict_explain_writes_overlays(model_path: Path, tmp_path: Path, c
             "-o",
             str(rows),
             "--force",  # synthetic blobs are no lesion photos for the gated model
+            "--format",
+            "table",
         ]
     )
-    assert code == 0
+    assert code == 3  # broken.jpg could not be read: its row says so
     assert sorted(p.name for p in out.iterdir()) == ["mole-2.heatmap.png", "mole.heatmap.png"]  # names kept apart
     assert Image.open(out / "mole.heatmap.png").size == (320, 240)
     assert Image.open(out / "mole-2.heatmap.png").size == (240, 320)
     by_name = {Path(r["path"]).name: r for r in json.loads(rows.read_text())}
     assert by_name["broken.jpg"]["heatmap"] is None and by_name["mole.png"]["heatmap"].endswith("mole-2.heatmap.png")
-    assert "heatmap overlays in" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "heatmap overlays in" in printed and " ".join(HEATMAP_LEGEND.split()) in printed

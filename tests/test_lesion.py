@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from skinscan.errors import SkinscanError
-from skinscan.lesion import MAX_PHOTOS, predict_lesion
+from skinscan.lesion import DISAGREEMENT, MAX_PHOTOS, predict_lesion
 from skinscan.service import Settings, create_app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -65,7 +67,35 @@ def test_cli_lesion_prints_each_photo_and_the_combination():
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "lesion (3 photos)" in out.stdout and "combined over 3 photo(s)" in " ".join(out.stdout.split())
+    rows = list(csv.DictReader(out.stdout.splitlines()))  # piped: CSV rows, each photo then the combination
+    assert [r["path"] for r in rows] == [*map(str, PHOTOS), "combined (3 photos)"]
+
+
+def test_cli_lesion_table_labels_agree_and_show_the_answers(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a photo")
+    out = subprocess.run(
+        [sys.executable, "-m", "skinscan", "predict", "--lesion", "--force", "--format", "table", "--bleed", "yes",
+         str(PHOTOS[0]), str(PHOTOS[1]), str(bad)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert out.returncode == 3, out.stderr  # one photo could not be read
+    text = " ".join(out.stdout.split())
+    assert text.count("combined (2 of 3 photos)") == 2  # the table's row and the summary line: one label
+    assert "bleeding: odds x" in text and "photo alone" in text
+    assert "warning: the photos disagree strongly" in text
+
+
+def test_strongly_disagreeing_photos_carry_a_warning(predictor):
+    agree = predict_lesion(predictor, [PHOTOS[0], PHOTOS[0]], force=True)
+    assert agree.warning is None and agree.to_dict()["combined"]["warning"] is None
+    apart = predict_lesion(predictor, [EXAMPLES / "isic-malignant-1.jpg", EXAMPLES / "isic-benign-2.jpg"])
+    probs = sorted(p.probability for p in apart.photos)
+    assert probs[1] - probs[0] >= DISAGREEMENT
+    assert (
+        apart.warning.startswith("the photos disagree strongly")
+        and f"{probs[0]:.0%} to {probs[1]:.0%}" in apart.warning
+    )
 
 
 def test_http_lesion_endpoint(predictor):

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -120,7 +121,6 @@ def test_examples_match_the_predictor(client: TestClient, predictor: Predictor) 
         pytest.param(lambda d: {"image": b64(d).rstrip("=")}, id="no-padding"),
         pytest.param(lambda d: {"image": base64.encodebytes(d).decode()}, id="line-breaks"),
         pytest.param(lambda d: {"image": base64.urlsafe_b64encode(d).decode()}, id="url-safe"),
-        pytest.param(lambda d: {"image": b64(d), "extra": 1}, id="extra-keys"),
     ],
 )
 def test_json_variants(client: TestClient, payload, predictor: Predictor) -> None:
@@ -205,7 +205,7 @@ def test_batch_bad_items_fail_alone(client: TestClient, jpeg: bytes) -> None:
     [
         ({"images": ["x"] * 5}, 400, "too_many_images"),  # the client fixture allows 4
         ({"images": []}, 400, "missing_image"),
-        ({"pictures": []}, 400, "missing_image"),
+        ({"pictures": []}, 422, "unknown_field"),
         ("just a string", 400, "missing_image"),
     ],
 )
@@ -235,7 +235,7 @@ def _bad_inputs(jpeg: bytes) -> list:
         ("empty-multipart-file", {"files": {"file": ("a.jpg", b"", "image/jpeg")}}, 400, "empty_image"),
         ("invalid-json", {"content": b"{image:", "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
         ("json-not-object", {"json": [b64(jpeg)]}, 400, "missing_image"),
-        ("json-missing-key", {"json": {"picture": b64(jpeg)}}, 400, "missing_image"),
+        ("json-missing-key", {"json": {"picture": b64(jpeg)}}, 422, "unknown_field"),
         ("not-an-image", {"content": b"hello world" * 10, "headers": {"content-type": "image/jpeg"}}, 422, "invalid_image"),
         ("not-an-image-b64", {"json": {"image": b64(b"%PDF-1.4 not a photo")}}, 422, "invalid_image"),
         ("truncated-image", {"content": jpeg[: len(jpeg) // 3], "headers": {"content-type": "image/jpeg"}}, 422, "invalid_image"),
@@ -245,7 +245,7 @@ def _bad_inputs(jpeg: bytes) -> list:
         ("wrong-content-type", {"content": jpeg, "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
         ("form-urlencoded", {"data": {"image": b64(jpeg)}}, 415, "unsupported_media_type"),
         ("no-content-type", {"content": jpeg, "headers": {"content-type": ""}}, 415, "unsupported_media_type"),
-        ("multipart-no-file", {"files": {"photo": ("a.jpg", jpeg, "image/jpeg")}}, 400, "missing_image"),
+        ("multipart-no-file", {"files": {"photo": ("a.jpg", jpeg, "image/jpeg")}}, 422, "unknown_field"),
         ("multipart-two-files", {"files": [("file", ("a.jpg", jpeg, "image/jpeg"))] * 2}, 400, "too_many_images"),
         ("multipart-no-boundary", {"content": jpeg, "headers": {"content-type": "multipart/form-data"}}, 400, "invalid_multipart"),
         ("multipart-truncated", {"content": truncated_mp, "headers": {"content-type": "multipart/form-data; boundary=skinscanboundary"}}, 400, "invalid_multipart"),
@@ -632,3 +632,84 @@ def test_several_workers_share_one_metrics_view(model_path: Path) -> None:
     finally:
         stop_serve(proc)
     assert not [p for p in metrics_dirs if p.exists()]  # ...and is removed on shutdown
+
+
+# ---------------------------------------------------------------- nothing a client sends is ignored silently
+def test_answers_in_the_wrong_place_are_a_422_naming_the_field(client: TestClient, jpeg: bytes) -> None:
+    """Answers count only inside "answers" (or as form fields): at the top of a JSON body or in the query
+    they used to be ignored with a 200; now the field is named in a 422."""
+    for kwargs, name in (
+        ({"json": {"image": b64(jpeg), "bleed": "yes"}}, "'bleed'"),
+        ({"json": {"image": b64(jpeg)}, "params": {"bleed": "yes"}}, "'bleed'"),
+        ({"json": {"image": b64(jpeg), "answer": {"bleed": "yes"}}}, "'answer'"),
+        ({"files": {"file": ("a.jpg", jpeg, "image/jpeg"), "bleeding": (None, "yes")}}, "'bleeding'"),
+    ):
+        r = client.post("/v1/predict", **kwargs)
+        assert_error(r, 422, "unknown_field")
+        assert name in r.json()["error"]["message"]
+    r = client.post("/v1/predict", json={"image": b64(jpeg), "bleed": "yes"})
+    assert 'inside "answers"' in r.json()["error"]["message"]
+    for route, payload in (
+        ("/v1/predict/batch", {"images": [b64(jpeg)], "force": True, "age": 70}),
+        ("/v1/predict/lesion", {"images": [{"image": b64(jpeg), "answers": {"age": 70}}]}),
+    ):
+        assert_error(client.post(route, json=payload), 422, "unknown_field")
+    # the documented form works, and the answers move the estimate
+    alone = client.post("/v1/predict", json={"image": b64(jpeg)}).json()
+    nested = client.post("/v1/predict", json={"image": b64(jpeg), "answers": {"bleed": "yes"}}).json()
+    assert nested["adjustments"][0]["answer"] == "bleed" and nested["probability"] > alone["probability"]
+
+
+def test_a_lesion_takes_one_set_of_answers(client: TestClient, predictor: Predictor) -> None:
+    from skinscan.answers import Answers
+    from skinscan.lesion import predict_lesion
+
+    photos = [EXAMPLES[4], EXAMPLES[5]]
+    images = [b64(p.read_bytes()) for p in photos]
+    r = client.post("/v1/predict/lesion", json={"images": images, "answers": {"bleed": "yes", "age": 70}})
+    assert r.status_code == 200, r.text
+    combined = r.json()["combined"]
+    want = predict_lesion(predictor, photos, answers=Answers(bleed="yes", age=70)).combined
+    assert combined["probability"] == pytest.approx(want.probability, abs=1e-6)
+    assert [a["answer"] for a in combined["adjustments"]] == ["age", "bleed"]
+    form = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos] + [("bleed", (None, "yes"))]
+    multi = client.post("/v1/predict/lesion", files=form)
+    assert multi.status_code == 200, multi.text
+    assert [a["answer"] for a in multi.json()["combined"]["adjustments"]] == ["bleed"]
+
+
+def test_query_type_errors_have_the_same_shape_as_every_other_4xx(client: TestClient, jpeg: bytes) -> None:
+    r = client.post("/v1/predict?explain=maybe", json={"image": b64(jpeg)})
+    assert_error(r, 422, "invalid_request")
+    message = r.json()["error"]["message"]
+    assert message.startswith("query parameter 'explain': ") and "'maybe'" in message and "[{" not in message
+
+
+def test_openapi_documents_answers_and_force_and_docs_work_offline(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    props = body["application/json"]["schema"]["properties"]
+    assert {"image", "answers", "force"} <= set(props)
+    assert set(props["answers"]["properties"]) >= {"age", "sex", "body_site", "bleed"}
+    assert {"bleed", "answers"} <= set(body["multipart/form-data"]["schema"]["properties"])
+    lesion_props = schema["paths"]["/v1/predict/lesion"]["post"]["requestBody"]["content"]["application/json"]
+    assert {"images", "answers", "force"} <= set(lesion_props["schema"]["properties"])
+    batch_items = schema["paths"]["/v1/predict/batch"]["post"]["requestBody"]["content"]["application/json"]
+    assert "answers" in batch_items["schema"]["properties"]["images"]["items"]["anyOf"][1]["properties"]
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "cdn" not in page.text.lower() and "https://" not in page.text and "http://" not in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:  # every file the page loads comes from this server
+        got = client.get(asset)
+        assert asset.startswith("/") and got.status_code == 200 and len(got.content) > 100, asset
+
+
+def test_metrics_name_the_lesion_route(predictor: Predictor, jpeg: bytes) -> None:
+    with make_client(predictor) as c:
+        assert c.post("/v1/predict/lesion", json={"images": [b64(jpeg)]}).status_code == 200
+        text = c.get("/metrics").text
+    assert 'skinscan_requests_total{route="/v1/predict/lesion",status="200"} 1.0' in text
+    assert 'route="other"' not in text

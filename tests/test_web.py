@@ -242,11 +242,27 @@ def test_page_and_assets_are_served_by_skinscan_only(server: str) -> None:
 def test_legend_shows_the_heatmap_colours() -> None:
     css = (WEB / "style.css").read_text()
     block = css[css.index(".legend-bar") :]
-    stops = re.findall(r"rgb\((\d+) (\d+) (\d+)\) ([\d.]+)%", block[: block.index("}")])
+    stops = re.findall(r"rgb\((\d+) (\d+) (\d+) / ([\d.]+)\) ([\d.]+)%", block[: block.index("}")])
     assert len(stops) >= 5
-    for r, g, b, pos in stops:
+    for r, g, b, alpha, pos in stops:
         expected = colorize(np.array(float(pos) / 100))
         assert np.abs(np.array([int(r), int(g), int(b)]) - expected.astype(int)).max() <= 2, (pos, expected)
+        assert float(alpha) == pytest.approx(float(pos) / 100)  # as the overlay: colour grows with influence
+    assert float(stops[0][3]) == 0  # the "least" end is uncoloured, as the legend's words say
+
+
+def test_the_questions_offer_every_answer_the_api_takes() -> None:
+    from skinscan.answers import BODY_SITES, NEUTRAL_ANSWERS, SEXES
+
+    html = (WEB / "index.html").read_text()
+    for name, values in (
+        ("sex", (*SEXES, *NEUTRAL_ANSWERS["sex"])),
+        ("body_site", (*BODY_SITES, *NEUTRAL_ANSWERS["body_site"])),
+    ):
+        select = html[html.index(f'<select id="q-{name}"') :]
+        options = re.findall(r'<option value="([^"]*)">', select[: select.index("</select>")])
+        assert options == ["", *sorted(values, key=options.index)] and set(options[1:]) == set(values), name
+    assert ">Other / prefer not to say<" in html and ">Knee<" in html and ">Lower leg<" in html
 
 
 # ---------------------------------------------------------------- in the browser
@@ -280,9 +296,14 @@ def test_phone_camera_input_and_layout(phone: Page, server: str) -> None:
     p.page.wait_for_selector(RESULT)
     _assert_result_shown(p, expected)
     p.page.locator("#heatmap-img").wait_for(state="visible")
-    # one column that fits the screen: nothing to scroll sideways; the result comes before the photo
+    # one column that fits the screen: nothing to scroll sideways; the photo and heatmap right under the
+    # result, before the questions and the tips
     assert p.page.evaluate("document.documentElement.scrollWidth") <= 390
-    assert p.page.locator(".result-panel").bounding_box()["y"] < p.page.locator("#viewer-panel").bounding_box()["y"]
+    y = {s: p.page.locator(s).bounding_box()["y"] for s in (".result-panel", "#viewer-panel", "#questions", "#tips")}
+    assert y[".result-panel"] < y["#viewer-panel"] < y["#questions"] < y["#tips"], y
+    # what the number means for someone checking a spot at home, beside the number
+    context = p.text(".gauge-context")
+    assert "far more common" in context and "lower than this number" in context
     p.screenshot("phone-390x844-result")
     p.check_clean()
 
@@ -542,6 +563,9 @@ def test_several_photos_of_one_spot_are_combined(desktop: Page, server: str) -> 
     page.wait_for_selector(".combined-note:not([hidden])")
     assert "2 photos" in p.text(".combined-note")
     combined = expected["combined"]
+    # a cancer and a nevus as "the same spot": the photos disagree strongly, and the page says so
+    assert combined["warning"] and "disagree strongly" in combined["warning"]
+    assert "disagree strongly" in p.text(".lesion-warning")
     assert combined["n_photos"] == 2
     value = float(page.locator(".gauge-track").get_attribute("aria-valuenow"))
     if combined["probability"] is None:
@@ -569,8 +593,14 @@ def test_several_photos_of_one_spot_are_combined(desktop: Page, server: str) -> 
     assert p.text("#lesion-count") == "2 of up to 4 photos of this spot."
     p.screenshot("desktop-1280x800-lesion")
     p.check_clean()
-    # start again: no photos, no result, the add control gone
+    # start again: no photos, no result, the add control gone, and no answers carried to the next spot
+    page.locator("#questions > summary").click()
+    page.locator("#q-age").fill("70")
+    page.locator("#q-sex").select_option("other")
+    page.locator("#q-bleed input[value='yes']").check()
     page.get_by_role("button", name="Start again").click()
+    assert page.locator("#q-age").input_value() == "" and page.locator("#q-sex").input_value() == ""
+    assert page.locator("#q-bleed input[value='']").is_checked()
     assert page.locator("#viewer-panel").is_hidden() and page.locator("#lesion-controls").is_hidden()
     assert page.locator(".outcome").count() == 0
     assert page.evaluate("document.activeElement.id") == "choose-button"

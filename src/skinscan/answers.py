@@ -36,12 +36,16 @@ CARD_KEY = "answers"  # the model card's key for the fitted adjustments
 SECTION_FORMAT = 1
 
 YesNo = Literal["yes", "no", "unknown"]
-Sex = Literal["female", "male"]
+# "other" is "other / prefer not to say"; like the body sites the phone set never records (leg below the
+# thigh, knee, elsewhere), it is accepted and shown but adjusts nothing: there is nothing to measure it on.
+Sex = Literal["female", "male", "other"]
 BodySite = Literal[
-    "abdomen", "arm", "back", "chest", "ear", "face", "foot", "forearm", "hand", "lip", "neck", "nose", "scalp", "thigh"
-]
-BODY_SITES: tuple[str, ...] = BodySite.__args__  # the 14 regions of the phone set (PAD-UFES-20)
-SEXES: tuple[str, ...] = Sex.__args__
+    "abdomen", "arm", "back", "chest", "ear", "face", "foot", "forearm", "hand", "lip", "neck", "nose", "scalp", "thigh",
+    "leg", "knee", "other",
+]  # fmt: skip
+BODY_SITES: tuple[str, ...] = BodySite.__args__[:14]  # the 14 regions of the phone set (PAD-UFES-20): fitted
+SEXES: tuple[str, ...] = Sex.__args__[:2]  # fitted
+NEUTRAL_ANSWERS: dict[str, tuple[str, ...]] = {"sex": Sex.__args__[2:], "body_site": BodySite.__args__[14:]}
 YES_NO_ANSWERS = ("itch", "grew", "hurt", "changed", "bleed", "elevated", "skin_cancer_history")
 ANSWER_FIELDS = ("age", "sex", "body_site", "diameter_mm", *YES_NO_ANSWERS)
 AGE_YEARS = (0.0, 120.0)  # accepted range, both ends included
@@ -50,7 +54,7 @@ DIAMETER_MM = (0.0, 200.0)  # more than 0, at most 200
 # The questions in plain words (the web page asks the same ones).
 QUESTIONS = {
     "age": "How old is the person, in years?",
-    "sex": "Sex (female or male)?",
+    "sex": "Sex (female, male, or other / prefer not to say)?",
     "body_site": "Where on the body is the spot?",
     "diameter_mm": "How wide is the spot at its widest, in millimetres?",
     "itch": "Does it itch?",
@@ -180,7 +184,7 @@ class Answers(BaseModel):
     def _choice(cls, value: Any, info: Any) -> str | None:
         if _blank(value):
             return None
-        choices = _LEVELS[info.field_name]
+        choices = (*_LEVELS[info.field_name], *NEUTRAL_ANSWERS[info.field_name])
         text = value.strip().lower() if isinstance(value, str) else value
         if text not in choices:
             hint = difflib.get_close_matches(str(text), choices, n=1)
@@ -232,15 +236,20 @@ def _invalid(exc: ValidationError) -> InvalidAnswers:
 # ---------------------------------------------------------------- answers for several images (CSV)
 @dataclass(frozen=True)
 class AnswerRow:
-    """One row of an answers table: the image it names, its answers, and where it came from."""
+    """One row of an answers table: the image it names, its answers (or, for a row with a bad value, the
+    `InvalidAnswers` naming it: that image's error, not the table's), and where it came from."""
 
     path: str
-    answers: Answers
+    answers: Answers | InvalidAnswers
     where: str
 
 
 def read_answers_csv(path: str | Path) -> list[AnswerRow]:
-    """An answers table: a `path` column and any of ANSWER_FIELDS (an empty cell is unknown)."""
+    """An answers table: a `path` column and any of ANSWER_FIELDS (an empty cell is unknown).
+
+    A problem with the table itself (no such file, an unknown column, a row without a path) raises
+    `InvalidAnswers`; a bad value in one row (e.g. `diameter_mm` 0) is kept as that row's error, so that
+    the other images are still scored and only that one gets an error row."""
     path = Path(path)
     if not path.is_file():
         raise InvalidAnswers(f"answers table {path} does not exist")
@@ -266,12 +275,17 @@ def read_answers_csv(path: str | Path) -> list[AnswerRow]:
             image = (row.pop("path") or "").strip()
             if not image:
                 raise InvalidAnswers(f"{path}:{line}: the path cell is empty")
-            rows.append(AnswerRow(image, Answers.from_mapping(row, f"{path}:{line}"), f"{path}:{line}"))
+            try:
+                answers: Answers | InvalidAnswers = Answers.from_mapping(row, f"{path}:{line}")
+            except InvalidAnswers as exc:
+                answers = exc
+            rows.append(AnswerRow(image, answers, f"{path}:{line}"))
     return rows
 
 
-def match_answers(rows: Sequence[AnswerRow], inputs: Sequence[str | Path]) -> list[Answers | None]:
-    """The answers of each input image (None where no row names it).
+def match_answers(rows: Sequence[AnswerRow], inputs: Sequence[str | Path]) -> list[Answers | InvalidAnswers | None]:
+    """The answers of each input image (None where no row names it; an `InvalidAnswers` where its row has a
+    bad value).
 
     A row's path matches an input as given or resolved (relative to the working directory); a bare file
     name matches the one input of that name, and is an error where several inputs share it. A row that
@@ -385,6 +399,8 @@ def answer_adjustments(answers: Answers | None, section: Mapping[str, Any]) -> t
     table = section["adjustments"]
     out = []
     for name, value in answers.known().items():
+        if value in NEUTRAL_ANSWERS.get(name, ()):
+            continue  # no data to measure it on: it adjusts nothing (see NEUTRAL_ANSWERS)
         entry = table.get(name)
         if entry is None:
             raise InvalidAnswers(f"this model has no adjustment for the answer {name!r}; leave it out", (name,))

@@ -80,6 +80,20 @@ def bundled_models() -> list[str]:
     return sorted(p.name[: -len(".onnx")] for p in default_model_path().parent.glob("*.onnx"))
 
 
+# What each bundled model is for, in a few words (`skinscan predict --help` lists them).
+BUNDLED_USES = {
+    "skinscan-lite0-phone": "the default: phone photos and dermoscopy, with the quality gate and the answers",
+    "skinscan-lite0-phone-int8": "the default model quantised to int8: faster on CPUs, scored less; see its card",
+    "skinscan-lite0-isic": "trained on dermoscopic archive images only; for dermoscopy archives",
+}
+
+
+def bundled_model_uses() -> dict[str, str]:
+    """Every bundled model's name -> what it is for (the default first)."""
+    names = sorted(bundled_models(), key=lambda n: (n != BUNDLED_MODEL[: -len(".onnx")], n))
+    return {name: BUNDLED_USES.get(name, "see its model card") for name in names}
+
+
 def resolve_model(model: str | Path | None) -> Path:
     """A model path, or the name of a bundled model, or None for the default model."""
     if model is None:

@@ -11,13 +11,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from . import __version__
 from .errors import SkinscanError
 
 if TYPE_CHECKING:
     from .answers import Answers
+    from .errors import InvalidAnswers
     from .predict import Prediction, Predictor
 
 DATA_ROOT_ENV = "SKINSCAN_DATA"
@@ -26,9 +27,13 @@ DEFAULT_NONLESION = "tests/assets/nonlesion/tune"  # the quality gate's tuning p
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
 log = logging.getLogger("skinscan")
-_MODEL_HELP = (
-    "ONNX model file, or a bundled model by name: skinscan-lite0-phone (default), skinscan-lite0-isic (archive only)"
-)
+
+
+def _model_help() -> str:
+    from .card import bundled_model_uses
+
+    uses = "; ".join(f"{name} ({use})" for name, use in bundled_model_uses().items())
+    return f"ONNX model file, or a bundled model by name: {uses}"
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -42,104 +47,200 @@ def _resolve(args: argparse.Namespace, name: str) -> Path:
 
 
 # ---------------------------------------------------------------- predict
+EXIT_HELP = (
+    "exit status: 0 when every input got a result (a photo to retake is a result); 3 when some inputs could "
+    "not be read or scored (their rows are still printed and written, with the error); 2 for a usage error "
+    "found before anything is scored (a bad flag or value, an output that cannot be written)."
+)
+EXIT_SOME_FAILED = 3
+# the CSV contract: these columns in this order (photo_type joined last, so positional readers still work)
+CSV_COLUMNS = [
+    "path", "probability", "decision", "threshold", "advice", "error", "quality", "reasons",
+    "image_probability", "adjustments", "photo_type", "diagnosis",
+]  # fmt: skip
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
     from tqdm.auto import tqdm
 
-    from .predict import Predictor, collect_images
+    from .errors import InvalidAnswers
+    from .predict import Prediction, Predictor, collect_images
 
-    paths = collect_images(args.paths)
+    # everything a usage error can come from is checked before the model loads and anything is scored
+    if args.output:
+        _check_output_file(Path(args.output))
+    if args.explain:
+        _check_output_folder(Path(args.explain), "--explain")
+    fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
+    inputs = collect_images(args.paths)
+    if inputs.left_out and not args.quiet:
+        shown = ", ".join(inputs.left_out[:3]) + (", ..." if len(inputs.left_out) > 3 else "")
+        print(f"left out {len(inputs.left_out)} file(s) that are not pictures: {shown}", file=sys.stderr)
+    paths = inputs.paths
     if not paths:
         raise SkinscanError("no image files found in the given paths")
     answers = _answers_for(args, paths, one_lesion=args.lesion)  # checked before the model loads: typos fail fast
     predictor = Predictor(args.model)
     if args.lesion:
-        return _predict_lesion(args, predictor, paths, answers[0] if answers else None)
+        return _predict_lesion(args, predictor, paths, answers[0] if answers else None, fmt)
+    # a row of the answers table with a bad value: that image's error row; the others are scored
+    bad = {i: a for i, a in enumerate(answers or []) if isinstance(a, InvalidAnswers)}
+    todo = [i for i in range(len(paths)) if i not in bad]
     with tqdm(
-        total=len(paths), desc="skinscan", unit="img", file=sys.stderr, disable=len(paths) < 20 or args.quiet
+        total=len(todo), desc="skinscan", unit="img", file=sys.stderr, disable=len(todo) < 20 or args.quiet
     ) as bar:
-        results = predictor.predict(
-            paths, batch_size=args.batch_size, progress=bar.update, force=args.force, answers=answers
+        scored = predictor.predict(
+            [paths[i] for i in todo],
+            batch_size=args.batch_size,
+            progress=bar.update,
+            force=args.force,
+            answers=None if answers is None else [answers[i] for i in todo],  # type: ignore[misc]
         )
+    results: list[Prediction] = [Prediction(paths[i], None, None, None, error=str(a)) for i, a in bad.items()]
+    by_index = dict(zip(todo, scored, strict=True)) | dict(zip(bad, results, strict=True))
+    results = [by_index[i] for i in range(len(paths))]
     rows = [r.to_dict() for r in results]
     if args.explain:
-        for row, path in zip(rows, _write_heatmaps(Path(args.explain), paths, results), strict=True):
+        for row, path in zip(rows, _write_heatmaps(Path(args.explain), [Path(p) for p in paths], results), strict=True):
             row["heatmap"] = path
     if args.output:
         _write_rows(Path(args.output), rows)
-    if not args.quiet:
-        console = Console()
-        table = Table(
-            title=f"skinscan {predictor.card.name} {predictor.card.version} - a screening aid, not a diagnosis"
-        )
-        table.add_column("path", overflow="fold", ratio=3)
-        table.add_column("probability", justify="right")
-        table.add_column("decision", ratio=2)
-        table.add_column("threshold", justify="right")
-        table.add_column("quality", ratio=3)
-        adjusted = any(r.adjustments for r in results)
-        if adjusted:
-            table.add_column("answers (photo alone; each answer's effect on the odds)", ratio=4)
-        for r in results:
-            quality = "ok" if r.quality == "ok" else f"[yellow]retake: {'; '.join(r.reasons)}[/]" if r.quality else "-"
-            extra = [_answers_cell(r)] if adjusted else []
-            if r.ok and r.probability is not None:
-                style = "bold red" if r.decision == "refer" else "green"
-                probability, decision = f"{r.probability:.3f}", f"[{style}]{r.decision}[/]"
-                table.add_row(r.path, probability, decision, f"{r.threshold:.3f}", quality, *extra)
-            elif r.ok:  # a photo to retake: no estimate unless --force
-                table.add_row(r.path, "-", "[yellow]retake the photo[/]", f"{r.threshold:.3f}", quality, *extra)
-            else:
-                table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", f"{r.threshold:.3f}", quality, *extra)
-        console.print(table)
-        console.print(
-            "refer = see a dermatologist soon; monitor = keep an eye on it, and see a doctor if it "
-            "changes, bleeds or itches."
-        )
-        if args.explain:
-            console.print(
-                f"heatmap overlays in {args.explain}: red = where the photo swayed the estimate most, up or "
-                "down, compared with the rest of that photo (not a sign of cancer by itself)"
-            )
+    if fmt == "table" and not args.quiet:
+        _print_table(predictor, results, explain=args.explain)
+    elif fmt != "table":
+        _print_rows(rows, fmt)
+    return _summary(results, args)
+
+
+def _summary(results: list[Prediction], args: argparse.Namespace) -> int:
+    """The notes on stderr, and the exit status (see EXIT_HELP)."""
     retakes = sum(r.quality == "retake" for r in results)
     if retakes and not args.force and not args.quiet:
         print(f"{retakes} photo(s) to retake (see the reasons); --force predicts them anyway", file=sys.stderr)
     failed = sum(not r.ok for r in results)
     if failed:
-        print(f"{failed} of {len(results)} file(s) could not be read (see the error column)", file=sys.stderr)
-    return 1 if failed == len(results) else 0
+        print(
+            f"{failed} of {len(results)} input(s) could not be read or scored (see the error column)", file=sys.stderr
+        )
+    return EXIT_SOME_FAILED if failed else 0
 
 
-def _predict_lesion(args: argparse.Namespace, predictor: Predictor, paths: list[Path], answers: Answers | None) -> int:
+def _print_table(predictor: Predictor, results: list[Prediction], explain: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .explain import HEATMAP_LEGEND
+
+    console = Console()
+    table = Table(title=f"model {predictor.card.name} {predictor.card.version}: a screening aid, not a diagnosis")
+    table.add_column("path", overflow="fold", ratio=3)
+    table.add_column("probability", justify="right")
+    table.add_column("decision", ratio=2)
+    table.add_column("threshold", justify="right")
+    table.add_column("photo type")
+    table.add_column("quality", ratio=3)
+    adjusted = any(r.adjustments for r in results)
+    if adjusted:
+        table.add_column("answers (photo alone; each answer's effect on the odds)", ratio=4)
+    for r in results:
+        quality = "ok" if r.quality == "ok" else f"[yellow]retake: {'; '.join(r.reasons)}[/]" if r.quality else "-"
+        extra = [_answers_cell(r)] if adjusted else []
+        kind = r.photo_type or "-"
+        if not r.ok:  # an error row carries no decision fields
+            table.add_row(r.path, "-", f"[yellow]error: {r.error}[/]", "-", "-", "-", *extra)
+        elif r.probability is not None:
+            style = "bold red" if r.decision == "refer" else "green"
+            probability, decision = f"{r.probability:.3f}", f"[{style}]{r.decision}[/]"
+            table.add_row(r.path, probability, decision, f"{r.threshold:.3f}", kind, quality, *extra)
+        else:  # a photo to retake: no estimate unless --force
+            table.add_row(r.path, "-", "[yellow]retake the photo[/]", f"{r.threshold:.3f}", kind, quality, *extra)
+    console.print(table)
+    console.print(
+        "refer = see a dermatologist soon; monitor = keep an eye on it, and see a doctor if it "
+        "changes, bleeds or itches."
+    )
+    if explain:
+        console.print(f"heatmap overlays in {explain}: {HEATMAP_LEGEND}")
+
+
+def _print_rows(rows: list[dict], fmt: str) -> None:
+    """Piped output: the rows as CSV (the columns of -o FILE.csv) or JSON, and nothing else on stdout."""
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        _csv_rows(sys.stdout, rows)
+
+
+def _check_output_file(path: Path) -> None:
+    """-o: refuse, before anything is scored, a name that cannot be written as a .csv or .json file."""
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise SkinscanError(f"--output {path}: use a .csv or .json file name")
+    if path.is_dir():
+        raise SkinscanError(f"--output {path}: that is a folder; give a file name, e.g. {path / 'results.csv'}")
+    _check_writable_parent(path, "--output")
+
+
+def _check_output_folder(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise SkinscanError(f"{flag} {path}: a file of that name exists; give a folder for the overlays")
+    _check_writable_parent(path, flag)
+
+
+def _check_writable_parent(path: Path, flag: str) -> None:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest existing folder: the rest will be created
+    if not parent.is_dir():
+        raise SkinscanError(f"{flag} {path}: {parent} is a file, not a folder")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise SkinscanError(f"{flag} {path}: {target} is not writable")
+
+
+def _predict_lesion(
+    args: argparse.Namespace, predictor: Predictor, paths: list[str], answers: Answers | None, fmt: str
+) -> int:
     """--lesion: every given photo shows the same lesion; print each photo and the combined estimate."""
     from rich.console import Console
     from rich.table import Table
 
+    from .errors import InvalidAnswers
     from .lesion import predict_lesion
 
+    if isinstance(answers, InvalidAnswers):
+        raise answers  # one set of answers for the lesion: a bad one leaves nothing to combine them with
     result = predict_lesion(predictor, paths, force=args.force, answers=answers)
+    c = result.combined
     rows = [*(p.to_dict() for p in result.photos), {**result.to_dict()["combined"]}]
     if args.output:
         _write_rows(Path(args.output), rows)
-    if not args.quiet:
-        table = Table(title=f"one lesion, {len(paths)} photos - a screening aid, not a diagnosis")
+    if fmt != "table":
+        _print_rows(rows, fmt)
+    elif not args.quiet:
+        table = Table(title=f"one lesion, {len(paths)} photos: a screening aid, not a diagnosis")
         for col in ("photo", "probability", "decision", "quality"):
             table.add_column(col, overflow="fold")
-        for p in [*result.photos, result.combined]:
+        if c.adjustments:
+            table.add_column("answers (photos alone; each answer's effect on the odds)", overflow="fold")
+        for p in [*result.photos, c]:
             prob = "-" if p.probability is None else f"{p.probability:.3f}"
             note = p.error or ("ok" if p.quality == "ok" else "; ".join(p.reasons) or "-")
-            table.add_row(p.path or "-", prob, p.decision or "-", note, style="bold" if p is result.combined else None)
-        Console().print(table)
-        c = result.combined
+            extra = [_answers_cell(p) if p is c else "-"] if c.adjustments else []
+            table.add_row(p.path or "-", prob, p.decision or "-", note, *extra, style="bold" if p is c else None)
+        console = Console()
+        console.print(table)
         if c.probability is not None:
-            Console().print(
-                f"combined over {result.n_used} photo(s): {c.decision} at threshold {c.threshold:.3f}. {c.advice}"
-            )
-    return 0 if result.combined.probability is not None else 1
+            console.print(f"{c.path}: {c.decision} at threshold {c.threshold:.3f}. {c.advice}")
+        if result.warning:
+            console.print(f"[yellow]warning: {result.warning}[/]")
+    if result.warning and fmt != "table":
+        print(f"warning: {result.warning}", file=sys.stderr)
+    return EXIT_SOME_FAILED if any(not p.ok for p in result.photos) else 0
 
 
-def _answers_for(args: argparse.Namespace, paths: list[Path], one_lesion: bool = False) -> list[Answers | None] | None:
+def _answers_for(
+    args: argparse.Namespace, paths: list[str], one_lesion: bool = False
+) -> list[Answers | InvalidAnswers | None] | None:
     """The answers per image, from --answers FILE.csv or from the answer flags (one image, or one lesion)."""
     from .answers import ANSWER_FIELDS, Answers, match_answers, read_answers_csv
     from .errors import InvalidAnswers
@@ -194,22 +295,22 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(rows, indent=2))
-    elif path.suffix.lower() == ".csv":
-        cols = ["path", "probability", "decision", "threshold", "advice", "error", "quality", "reasons"]
-        cols += ["image_probability", "adjustments", "diagnosis"]
+    else:  # .csv (checked before the scoring by _check_output_file)
         with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(
-                {
-                    **row,
-                    "reasons": "; ".join(row.get("reasons") or []),
-                    "adjustments": "; ".join(a["label"] for a in row.get("adjustments") or []),
-                }
-                for row in rows
-            )
-    else:
-        raise SkinscanError(f"--output {path}: use a .csv or .json file name")
+            _csv_rows(fh, rows)
+
+
+def _csv_rows(fh: IO[str], rows: list[dict]) -> None:
+    w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(
+        {
+            **row,
+            "reasons": "; ".join(row.get("reasons") or []),
+            "adjustments": "; ".join(a["label"] for a in row.get("adjustments") or []),
+        }
+        for row in rows
+    )
 
 
 # ---------------------------------------------------------------- train
@@ -299,6 +400,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import read_patient_list
     from .evaluate import evaluate, record_in_card
 
+    if args.bootstrap < 1:
+        raise SkinscanError(f"--bootstrap {args.bootstrap}: give the number of resamples, at least 1 (default 1000)")
     if args.record and not re.fullmatch(r"[a-z][a-z0-9_]*", args.record):
         raise SkinscanError(f"--record {args.record!r}: use a key of lower-case letters, digits and _")
     if args.record == "validation" or (args.record or "").startswith("validation_"):
@@ -336,6 +439,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .phototype import DERMOSCOPIC_MIN_PROBABILITY
 
     runs = [Path(r) for r in args.run]
+    for r in runs:
+        if not ((r / "config.yaml").is_file() and (r / "data.json").is_file()):
+            raise SkinscanError(
+                f"{r}: not a training run folder (no config.yaml and data.json there); give the --out folder of "
+                "`skinscan train`"
+            )
     run = runs[0]  # an ensemble's runs share their training and validation images
     check = validation_image_paths(run) or None
     if args.thresholds_from and not args.photo_types:
@@ -539,8 +648,13 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- batch (Ray Data)
 def cmd_batch(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from .errors import MissingExtra
 
+    try:  # the scale extra, before anything else: a missing one is a usage error, not a traceback
+        import pyarrow  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra("scale", "skinscan batch", exc) from None
     from .ray_batch import run_batch
 
     summary = run_batch(
@@ -554,15 +668,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         threads_per_actor=args.threads_per_actor,
         progress=not args.quiet,
     )
+    s = summary
     if not args.quiet:
-        s = summary
-        Console(stderr=True).print(
+        print(
             f"{s.scored} image(s) scored into {s.output} in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s): "
-            f"{s.refer} refer, {s.retakes} to retake, {s.errors} unreadable"
+            f"{s.refer} refer, {s.retakes} to retake, {s.errors} could not be read or scored"
             + (f"; {s.skipped} already there, skipped" if s.skipped else "")
-            + ". Read it with pandas.read_parquet(folder)."
+            + ". Read it with pandas.read_parquet(folder).",
+            file=sys.stderr,
         )
-    return 0
+    return EXIT_SOME_FAILED if s.errors else 0
 
 
 # ---------------------------------------------------------------- serve
@@ -650,6 +765,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .answers import BODY_SITES, NEUTRAL_ANSWERS
+    from .explain import HEATMAP_LEGEND
+
     parser = argparse.ArgumentParser(
         prog="skinscan",
         description="Screen photos of skin lesions for malignancy risk. A screening aid, not a diagnosis.",
@@ -661,16 +779,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="predict image files or folders (recursively)",
-        description="Print the calibrated malignancy probability and referral decision per image.",
+        description="Print the calibrated malignancy probability and referral decision per image: a table on a "
+        "terminal, CSV rows when the output is piped (--format). Every input is a row; one that cannot be read "
+        "(missing, not a supported picture, a bad answer in --answers) is a row with its error.",
+        epilog=EXIT_HELP,
     )
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument(
         "--model",
-        help=_MODEL_HELP,
+        help=_model_help(),
     )
     p.add_argument("--output", "-o", help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
     p.add_argument("--quiet", "-q", action="store_true", help="no table or progress bar")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        help="what to print: table (the default on a terminal), csv (the default when piped: the columns of "
+        "-o FILE.csv) or json",
+    )
     p.add_argument("--force", action="store_true", help="predict photos the quality gate refuses, too")
     p.add_argument(
         "--lesion", action="store_true", help="all given photos show ONE lesion: print each and their combined estimate"
@@ -678,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--explain",
         metavar="DIR",
-        help="also write heatmap overlays DIR/<name>.heatmap.png: where the photo pushed the risk up most",
+        help=f"also write heatmap overlays DIR/<name>.heatmap.png ({HEATMAP_LEGEND})",
     )
     g = p.add_argument_group(
         "answers about the spot (optional)",
@@ -693,11 +820,12 @@ def build_parser() -> argparse.ArgumentParser:
         "an empty cell is unknown)",
     )
     g.add_argument("--age", help="age in years")
-    g.add_argument("--sex", help="female or male")
+    g.add_argument("--sex", help="female, male, or other (other / prefer not to say: adjusts nothing)")
     g.add_argument(
         "--body-site",
         dest="body_site",
-        help="abdomen, arm, back, chest, ear, face, foot, forearm, hand, lip, neck, nose, scalp or thigh",
+        help=f"{', '.join(BODY_SITES)}; or {', '.join(NEUTRAL_ANSWERS['body_site'])} (sites the fitted data "
+        "lacks: they adjust nothing)",
     )
     g.add_argument("--diameter-mm", dest="diameter_mm", help="the spot's widest extent in millimetres")
     for name, question in (
@@ -747,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics, plots and a report for a model",
         description="Score a labelled dataset: metrics.json, predictions.csv, plots and report.md.",
     )
-    p.add_argument("--model", help=_MODEL_HELP)
+    p.add_argument("--model", help=_model_help())
     p.add_argument("--data", required=True, help="dataset folder, labels CSV or name (e.g. isic-mvb)")
     p.add_argument("--split", default="auto", help="split folder to score (default: test if present)")
     p.add_argument("--out", required=True, help="report folder")
@@ -878,9 +1006,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every image of INPUT with the same model, preprocessing and quality gate as "
         "`predict`, on Ray Data (in-process on this machine's cores, or on a cluster with --address / "
         "RAY_ADDRESS). Writes one row per image (path, probability, decision, threshold, quality, reasons, "
-        "error, answers' adjustments, model) into a folder of Parquet parts; an unreadable image gives a row "
-        "with its error. Rerun with the same --output to finish an interrupted run: paths already there are "
+        "error, answers' adjustments, model) into a folder of Parquet parts; an unreadable image, or a bad "
+        "answer in an input table, gives a row with its error. Rerun with the same --output to finish an interrupted run: paths already there are "
         "skipped. Needs the scale extra: pip install 'skinscan[scale]'.",
+        epilog=EXIT_HELP,
     )
     p.add_argument(
         "input",
@@ -890,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output folder, e.g. scores.parquet")
     p.add_argument(
         "--model",
-        help=_MODEL_HELP,
+        help=_model_help(),
     )
     p.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS, else local)")
     p.add_argument("--force", action="store_true", help="predict photos the quality gate refuses, too")
@@ -918,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help=_MODEL_HELP,
+        help=_model_help(),
     )
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body in bytes (default 32 MiB)")

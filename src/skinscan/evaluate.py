@@ -169,6 +169,7 @@ def evaluate(
             "n_unreadable": n_errors,
             "n_quality_retake": sum(p.quality == "retake" for p in preds),
         },
+        "bootstrap_resamples": n_boot,
         "subsets": {k: v.to_dict() for k, v in results.items()},
         **({"by_skin_type": skin} if skin else {}),
         "reliability": {k: reliability_bins(*curves[k][:2]) for k in curves},
@@ -354,7 +355,8 @@ def _write_report(out: Path, payload: dict, results: dict[str, BinaryMetrics], f
             )
     lines += [
         "",
-        "Intervals: percentile bootstrap (1000 resamples; whole patients where recorded). ECE if calibrated: the "
+        f"Intervals: percentile bootstrap ({payload['bootstrap_resamples']} resamples; whole patients where "
+        "recorded). ECE if calibrated: the "
         "ECE a perfectly calibrated model with these probabilities would show on this many images (median, "
         "90% range; binned ECE is biased upwards on small sets): only an ECE above that range shows miscalibration.",
         "",

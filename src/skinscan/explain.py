@@ -5,9 +5,10 @@ the features at that place alone would give, and the mean over the cells is the 
 values are evidence for malignancy, negative values evidence against.
 
 What the heatmap shows: influence, in either direction. Each cell's distance from the photo's typical
-cell (the median), |cam - median(cam)|, min-max normalised per image: the hottest colour marks where the
-photo swayed the estimate most, up or down, compared with the rest of the photo; the coldest, where it
-was most like the rest. Why not the signed map: for the model trained on isic-mvb (measured on 100 benign
+cell (the median), |cam - median(cam)|, min-max normalised per image, smoothed, and blended over the
+photo with a weight that grows with it: coloured (red most) marks where the photo swayed the estimate
+most, up or down, compared with the rest of the photo; uncoloured parts swayed it least (HEATMAP_LEGEND
+says so in the same words everywhere). Why not the signed map: for the model trained on isic-mvb (measured on 100 benign
 and 100 malignant test photos), a benign lesion is mostly strong evidence *against* malignancy, so the
 signed map's maximum lay on the skin around it or on the border for 76% of benign photos (22% of
 malignant ones), while the influence map peaks on the lesion (tests/test_explain.py). The signed map stays available: the service's raw
@@ -30,9 +31,17 @@ from PIL import Image
 from .predict import Prediction
 from .preprocess import ImageSource, decode_image
 
+# How the overlay reads, in the same words wherever it is shown (CLI, API schema, web page).
+HEATMAP_LEGEND = (
+    "coloured = where the photo swayed the estimate most, up or down, compared with the rest of the photo "
+    "(red most); uncoloured parts swayed it least. Colour is not a sign of cancer by itself"
+)
+
 # Longest side of the overlays written by the CLI and returned by the service: the map has 7x7 cells,
 # so more pixels add bytes, not information.
 DEFAULT_MAX_SIDE = 1024
+# The overlay's smoothing, in map cells (see smooth_upsample).
+SMOOTH_SIGMA = 0.6
 # Below this spread (max - min, in logit units) the map is treated as flat.
 FLAT_SPREAD = 1e-6
 # Strips of the photo outside the model's square are blended towards this grey.
@@ -96,6 +105,20 @@ def upsample(grid: np.ndarray, width: int, height: int) -> np.ndarray:
     return _bilinear_matrix(height, grid.shape[0]) @ grid @ _bilinear_matrix(width, grid.shape[1]).T
 
 
+def _gaussian_matrix(n_out: int, n_in: int, sigma: float) -> np.ndarray:
+    """(n_out, n_in) weights of Gaussian interpolation (`sigma` in cells, cell centres aligned); rows sum to 1."""
+    src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    weights = np.exp(-0.5 * ((src[:, None] - np.arange(n_in)[None, :]) / sigma) ** 2)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def smooth_upsample(grid: np.ndarray, width: int, height: int, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
+    """Gaussian interpolation of an (h, w) grid to (height, width): a smooth map, round around a hot cell
+    (bilinear interpolation draws a lone hot cell as a hard-edged square); values stay within the grid's range."""
+    grid = np.asarray(grid, dtype=np.float64)
+    return _gaussian_matrix(height, grid.shape[0], sigma) @ grid @ _gaussian_matrix(width, grid.shape[1], sigma).T
+
+
 def _lookup_table(points: np.ndarray, n: int = 256) -> np.ndarray:
     """(n, 3) uint8 colours interpolated linearly between evenly spaced `points`."""
     x = np.linspace(0, len(points) - 1, n)
@@ -123,8 +146,8 @@ def model_box(width: int, height: int) -> tuple[int, int, int, int]:
 def overlay(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.6, max_side: int | None = None) -> Image.Image:
     """The photo with the heatmap alpha-blended over the model's centre square: RGB, the photo's size.
 
-    Per pixel the blend weight grows with the normalised map (from alpha/4 to alpha), so the regions
-    that matter most are coloured most and the rest of the skin stays visible. `max_side` shrinks the
+    The map is smoothed (`smooth_upsample`) and per pixel the blend weight grows with it, from 0 (the photo
+    uncoloured: swayed the estimate least) to alpha (red: most), so there are no hard edges. `max_side` shrinks the
     photo first (keeping its aspect ratio) when its longer side is larger.
     """
     if not 0 <= alpha <= 1:
@@ -135,8 +158,9 @@ def overlay(image: Image.Image, cam: np.ndarray, *, alpha: float = 0.6, max_side
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     photo = np.asarray(img, dtype=np.float32)
     left, top, right, bottom = model_box(img.width, img.height)
-    values = upsample(influence(cam), right - left, bottom - top).astype(np.float32)
-    weight = (alpha * (0.25 + 0.75 * values))[..., None]
+    values = smooth_upsample(influence(cam), right - left, bottom - top)
+    values = (values / values.max() if values.max() > 0 else values).astype(np.float32)  # the peak stays red
+    weight = (alpha * values)[..., None]
     out = photo * _OUTSIDE_DIM + _OUTSIDE_GREY * (1 - _OUTSIDE_DIM)
     square = photo[top:bottom, left:right]
     out[top:bottom, left:right] = square * (1 - weight) + colorize(values).astype(np.float32) * weight

@@ -21,19 +21,29 @@ from .predict import Prediction, Predictor
 from .preprocess import ImageSource
 
 MAX_PHOTOS = 16
+# Photos of one spot whose own estimates lie this far apart (in probability) are not combined silently:
+# one of them may show another spot, or be misleading; the combined estimate then carries a warning.
+DISAGREEMENT = 0.5
 
 
 @dataclass(frozen=True)
 class LesionPrediction:
-    """`combined` is the lesion's estimate; `photos` the per-photo (image-only) results it came from."""
+    """`combined` is the lesion's estimate; `photos` the per-photo (image-only) results it came from.
+    `warning` says so when the photos' own estimates disagree strongly (see DISAGREEMENT)."""
 
     combined: Prediction
     photos: tuple[Prediction, ...]
     n_used: int
+    warning: str | None = None
 
     def to_dict(self) -> dict:
         return {
-            "combined": {**self.combined.to_dict(), "n_photos": len(self.photos), "n_used": self.n_used},
+            "combined": {
+                **self.combined.to_dict(),
+                "n_photos": len(self.photos),
+                "n_used": self.n_used,
+                "warning": self.warning,
+            },
             "photos": [p.to_dict() for p in self.photos],
         }
 
@@ -64,7 +74,8 @@ def combine_photos(
         for i, p in enumerate(photos)
         if i not in used
     )
-    name = f"lesion ({len(photos)} photos)"
+    n = len(photos)
+    name = f"combined ({len(used)} of {n} photos)" if len(used) < n else f"combined ({n} photo{'s' * (n > 1)})"
     if not usable:
         combined = Prediction(
             path=name,
@@ -95,4 +106,15 @@ def combine_photos(
         quality_report=None,
         timings_ms=MappingProxyType({"photos": round(sum(sum(p.timings_ms.values()) for p in photos), 3)}),
     )
-    return LesionPrediction(predictor.adjust(combined, answers), photos, len(usable))
+    return LesionPrediction(predictor.adjust(combined, answers), photos, len(usable), _disagreement(usable))
+
+
+def _disagreement(usable: Sequence[Prediction]) -> str | None:
+    probs = [p.probability for p in usable if p.probability is not None]
+    if len(probs) < 2 or max(probs) - min(probs) < DISAGREEMENT:
+        return None
+    return (
+        f"the photos disagree strongly (from {min(probs):.0%} to {max(probs):.0%} on their own): check that they "
+        "show the same spot; a combined estimate of photos this far apart can mislead, so look at each photo's "
+        "own estimate too"
+    )

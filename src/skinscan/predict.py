@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import mimetypes
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from PIL import Image
 from .answers import Adjustment, Answers, apply_answers, section_from_card
 from .card import ADVICE, ModelCard, card_from_metadata, resolve_model, sha256_file
 from .data import DIAGNOSIS_LABELS, IMAGE_SUFFIXES
-from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
+from .errors import InvalidAnswers, InvalidImage, ModelLoadError
 from .metrics import sigmoid
 from .phototype import PhotoTypes
 from .preprocess import ImageSource, load_pixels, normalise
@@ -47,12 +49,15 @@ class Prediction:
     where the model has a diagnosis head (else None). Every kind counts alike there (the training mix is
     divided out), so they say what the photo resembles, not how common each kind is; the referral advice
     comes from `probability` alone.
+
+    An input that could not be read or scored has its `error` and no decision fields (no probability,
+    decision or threshold): nothing was compared with anything.
     """
 
     path: str | None
     probability: float | None
     decision: Decision | None
-    threshold: float
+    threshold: float | None
     logit: float | None = None
     error: str | None = None
     timings_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
@@ -336,7 +341,7 @@ class Predictor:
         for d, name in zip(decoded, names, strict=True):
             if d.error is not None:
                 timings = MappingProxyType({"decode": round(d.decode_ms, 3)})
-                out.append(Prediction(name, None, None, self.threshold, error=d.error, timings_ms=timings))
+                out.append(Prediction(name, None, None, None, error=d.error, timings_ms=timings))
                 continue
             p, report, threshold = float(probs[j]), reports[j], self.threshold_for(types[j])
             timings = {
@@ -388,15 +393,41 @@ def _shorter_side(data: ImageSource) -> int | None:
         return None
 
 
-def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and image files found recursively in folders (sorted). Missing paths raise."""
-    found: list[Path] = []
+@dataclass(frozen=True)
+class Inputs:
+    """What `collect_images` found. `paths` are predicted, each into its own row: image files, paths that do
+    not exist and picture files of a format skinscan does not read (their rows say why). `left_out` are the
+    other files found in folders (notes, tables...), which are not pictures at all. Paths keep the text they
+    were given in (a folder's files start with the folder as given)."""
+
+    paths: list[str]
+    left_out: list[str] = field(default_factory=list)
+
+
+# picture formats that a folder of photos may hold but skinscan does not read (their rows say so)
+_OTHER_PICTURE_SUFFIXES = {".gif", ".svg", ".avif", ".jxl", ".ico", ".dng", ".cr2", ".nef", ".arw", ".psd", ".jp2"}
+
+
+def _is_picture(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    guessed = mimetypes.guess_type(path.name)[0] or ""
+    return suffix in IMAGE_SUFFIXES or suffix in _OTHER_PICTURE_SUFFIXES or guessed.startswith("image/")
+
+
+def collect_images(paths: Iterable[str | Path]) -> Inputs:
+    """Files as given (missing ones too: their prediction says "no such file"), and the pictures found
+    recursively in folders (sorted), those of formats skinscan does not read included: every input meant
+    as a photo gets a row, none is dropped silently. Hidden files and folders are ignored."""
+    found: list[str] = []
+    left_out: list[str] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.exists():
-            found.append(p)
-        else:
-            raise SkinscanError(f"{p}: no such file or folder")
-    return found
+        if not p.is_dir():
+            found.append(str(raw))
+            continue
+        for f in sorted(f for f in p.rglob("*") if f.is_file()):
+            rel = f.relative_to(p)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            (found if _is_picture(f) else left_out).append(os.path.join(str(raw), str(rel)))
+    return Inputs(found, left_out)

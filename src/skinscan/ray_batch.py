@@ -80,10 +80,11 @@ def _schema() -> pa.Schema:
 
 @dataclass(frozen=True)
 class BatchInputs:
-    """What to score: paths (local paths or URIs, each once) and, where a table gave them, answers."""
+    """What to score: paths (local paths or URIs, each once) and, where a table gave them, answers (or,
+    for a table row with a bad answer, that row's error message: the row is written with it, unscored)."""
 
     paths: list[str]
-    answers: list[Answers | None] | None = None
+    answers: list[Answers | str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def list_inputs(spec: str | Path) -> BatchInputs:
     if path.is_dir():
         from .predict import collect_images
 
-        return BatchInputs([str(p) for p in collect_images([path])])
+        return BatchInputs(collect_images([path]).paths)
     if path.is_file():
         return BatchInputs([spec])
     if _GLOB_CHARS & set(spec):
@@ -181,7 +182,7 @@ def _read_table(spec: str) -> BatchInputs:
     answer_cols = [c for c in table.column_names if c in ANSWER_FIELDS]
     rows = table.select(["path", *answer_cols]).to_pylist()
     paths: list[str] = []
-    answers: list[Answers | None] = []
+    answers: list[Answers | str | None] = []
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2 if spec.lower().endswith(".csv") else 1):
         raw = row.pop("path")
@@ -190,7 +191,12 @@ def _read_table(spec: str) -> BatchInputs:
         raw = str(raw).strip()
         path = raw if _is_uri(raw) or os.path.isabs(raw) else f"{base}/{raw}"
         values = {k: ("" if v is None else str(v)) for k, v in row.items()}
-        given = Answers.from_mapping(values, f"{spec}:{line}") if answer_cols else None
+        given: Answers | str | None = None
+        if answer_cols:
+            try:
+                given = Answers.from_mapping(values, f"{spec}:{line}")
+            except InvalidAnswers as exc:  # that image's error row; the others are scored
+                given = str(exc)
         if path in seen:
             if answers[seen[path]] != given:
                 raise InvalidAnswers(f"{spec}:{line}: {raw} is listed twice with different answers")
@@ -282,13 +288,19 @@ class _Scorer:
 
         paths = batch.column("path").to_pylist()
         raw_answers = batch.column("answers").to_pylist() if "answers" in batch.column_names else [None] * len(paths)
+        bad = (
+            batch.column("answers_error").to_pylist() if "answers_error" in batch.column_names else [None] * len(paths)
+        )
         results: list[Prediction | None] = [None] * len(paths)
         sources, names, answers, where = [], [], [], []
         for i, (path, raw) in enumerate(zip(paths, raw_answers, strict=True)):
+            if bad[i]:  # a bad answer in the input table: this row's error
+                results[i] = Prediction(path, None, None, None, error=bad[i])
+                continue
             try:
                 sources.append(read_image_bytes(path))
             except Exception as exc:  # missing, unreadable, a folder...: this row's error, not the job's
-                results[i] = Prediction(path, None, None, self.predictor.threshold, error=f"cannot read: {exc}")
+                results[i] = Prediction(path, None, None, None, error=f"cannot read: {exc}")
                 continue
             names.append(path)
             answers.append(None if raw is None else Answers.model_validate_json(raw))
@@ -333,10 +345,11 @@ def run_batch(
     if not todo:
         return BatchSummary(output, len(items.paths), skipped, 0, 0, 0, 0, time.perf_counter() - started)
 
+    from .answers import Answers
     from .predict import Predictor
 
     predictor = Predictor(model)  # fails here, before Ray starts, on a bad model; also checks the answers
-    if items.answers and any(a is not None and not a.empty for a in items.answers):
+    if items.answers and any(isinstance(a, Answers) and not a.empty for a in items.answers):
         predictor.answers_adjustments()
     del predictor
     # A bundled name (or None: the default) is resolved by each node in its own install; a file, absolute.
@@ -352,7 +365,8 @@ def run_batch(
     if items.answers:
         for row, i in zip(rows, todo, strict=True):
             a = items.answers[i]
-            row["answers"] = None if a is None else a.model_dump_json()
+            row["answers"] = a.model_dump_json() if isinstance(a, Answers) else None
+            row["answers_error"] = a if isinstance(a, str) else None
     # Blocks of a few batches: enough of them to keep every actor busy, small enough to lose little work
     # when an actor dies (Ray retries the block's task on a restarted actor).
     n_blocks = max(n_actors, math.ceil(len(rows) / (batch_size * 4)))

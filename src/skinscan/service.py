@@ -20,6 +20,9 @@ Every bad input is answered by `_error_response`, the one place that maps errors
 |        |                                            | truncated, unsupported format, decompression bomb)  |
 | 422    | invalid_answers                            | an answer about the spot is out of range or not one |
 |        |                                            | of its choices (the message names it)               |
+| 422    | unknown_field                              | a body field, form field or query parameter that    |
+|        |                                            | the route does not know (named; never ignored)      |
+| 422    | invalid_request                            | a query parameter of the wrong type (?explain=maybe)|
 | 501    | explain_unavailable                        | explain=true, but the model has no heatmap output   |
 | 501    | answers_unavailable                        | answers sent, but the model has no adjustments      |
 | 503    | timeout, not_ready, shutting_down          | busy past the time limit, still loading, stopping   |
@@ -30,9 +33,11 @@ Every bad input is answered by `_error_response`, the one place that maps errors
 
 Answers about the spot (`skinscan.answers`: age, sex, body_site, diameter_mm, and yes/no/unknown for itch,
 grew, hurt, changed, bleed, elevated, skin_cancer_history) travel beside the image: `"answers": {...}` in a
-JSON body (per item in a batch: `{"image": ..., "answers": {...}}`), and in multipart either as form fields
-named like the answers or as an `answers` field holding the JSON object (in a batch: one `answers` field
-per `file`, in order). Each known answer's adjustment comes back in `adjustments`.
+JSON body (per item in a batch: `{"image": ..., "answers": {...}}`; once for a lesion, beside `"images"`),
+and in multipart either as form fields named like the answers or as an `answers` field holding the JSON
+object (in a batch: one `answers` field per `file`, in order; for a lesion, once). Each known answer's
+adjustment comes back in `adjustments`. Anything else (an answer at the top of a JSON body, `?bleed=yes`,
+an unknown form field) is a 422 `unknown_field` naming it: input is never ignored silently.
 
 Images stay in memory (multipart bodies are parsed here, never spooled to disk) and never reach the
 logs; logs carry the request id, sizes, status and timings only.
@@ -66,6 +71,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -75,9 +81,9 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .answers import ANSWER_FIELDS, Answers
+from .answers import ANSWER_FIELDS, QUESTIONS, Answers
 from .errors import InvalidAnswers, InvalidImage
-from .explain import DEFAULT_MAX_SIDE, explain, png_bytes
+from .explain import DEFAULT_MAX_SIDE, HEATMAP_LEGEND, explain, png_bytes
 from .lesion import MAX_PHOTOS as MAX_LESION_PHOTOS
 from .lesion import combine_photos
 from .predict import Decoded, Prediction, Predictor
@@ -182,7 +188,7 @@ class PredictResponse(BaseModel):
     heatmap_png: str | None = Field(
         None,
         description="base64 PNG: the photo (longer side at most 1024 px) with the heatmap of influence blended "
-        "over it (red: swayed the estimate most, up or down; see skinscan.explain)",
+        f"over it: {HEATMAP_LEGEND} (see skinscan.explain)",
     )
     heatmap: list[list[float]] | None = Field(
         None,
@@ -237,7 +243,7 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     elif isinstance(exc, InvalidAnswers):
         status, code, message = 422, "invalid_answers", str(exc)
     elif isinstance(exc, RequestValidationError):
-        status, code, message = 422, "invalid_request", str(exc.errors())[:500]
+        status, code, message = 422, "invalid_request", _validation_message(exc)
     elif isinstance(exc, StarletteHTTPException):
         status = exc.status_code
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
@@ -252,6 +258,21 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
         metrics.errors.labels(code).inc()
     body = ErrorResponse(error=ErrorDetail(code=code, message=message)).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors (e.g. ?explain=maybe) as one sentence per problem, like every other 4xx."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        where = (
+            f"{loc[0]} parameter {'.'.join(loc[1:])!r}"
+            if loc[:1] in (["query"], ["path"], ["header"])
+            else ".".join(loc)
+        )
+        got = f" (got {err['input']!r})" if "input" in err else ""
+        parts.append(f"{where}: {err.get('msg', 'invalid')}{got}")
+    return "; ".join(parts)[:500] or "invalid request"
 
 
 # ---------------------------------------------------------------- metrics
@@ -424,14 +445,32 @@ def _b64decode(text: Any, where: str) -> bytes:
     return data
 
 
-def _json_image(item: Any, where: str) -> bytes:
+def _json_image(item: Any, where: str, allowed: frozenset[str] = frozenset({"image", "input", "answers"})) -> bytes:
     if isinstance(item, str):
         return _b64decode(item, where)
     if isinstance(item, dict):
+        _check_fields(item, allowed, where)
         for key in ("image", "input"):  # "input" is what the prototype's mobile clients send
             if key in item:
                 return _b64decode(item[key], f"{where}.{key}")
     raise ApiError(400, "missing_image", f'{where}: expected {{"image": "<base64>"}} (or "input" for older clients)')
+
+
+def _check_fields(doc: dict, allowed: frozenset[str], where: str) -> None:
+    """A JSON object's keys must all be known: an unknown one is a 422 naming it, never ignored."""
+    unknown = [k for k in doc if k not in allowed]
+    if not unknown:
+        return
+    name = unknown[0]
+    if name in ANSWER_FIELDS and "answers" in allowed:
+        hint = f'answers go inside "answers", e.g. {{"answers": {{"{name}": ...}}}}'
+    elif (name in ANSWER_FIELDS or name == "answers") and "images" in allowed:  # the top of a batch
+        hint = 'a batch takes answers per image: {"images": [{"image": "<base64>", "answers": {...}}, ...]}'
+    elif name in ANSWER_FIELDS or name == "answers":  # an item of a lesion
+        hint = 'a lesion\'s answers belong to the lesion: send them once, as "answers" beside "images"'
+    else:
+        hint = f"the fields here are {', '.join(sorted(allowed))}"
+    raise ApiError(422, "unknown_field", f"{where}: unknown field {name!r}; {hint}")
 
 
 def _parse_json(body: bytes) -> Any:
@@ -506,51 +545,76 @@ def _check_pixels(data: bytes, max_pixels: int) -> None:
         raise _too_many_pixels(width, height, max_pixels)
 
 
+Route = Literal["one", "batch", "lesion"]
+_TOP_FIELDS: dict[str, frozenset[str]] = {
+    "one": frozenset({"image", "input", "answers", "force"}),
+    "batch": frozenset({"images", "force"}),
+    "lesion": frozenset({"images", "answers", "force"}),
+}
+_ITEM_FIELDS: dict[str, frozenset[str]] = {
+    "batch": frozenset({"image", "input", "answers"}),  # answers per image
+    "lesion": frozenset({"image", "input"}),  # the lesion's answers are the request's
+}
+
+
 def _images_from_body(
-    body: bytes, content_type: str, *, batch: bool, max_items: int, options: dict[str, Any] | None = None
+    body: bytes, content_type: str, *, route: Route, max_items: int, options: dict[str, Any] | None = None
 ) -> list[bytes | ApiError]:
     """The request's images (or, in a batch, a per-item error) from one of the three accepted shapes.
-    `options` receives the flags a JSON body sets beside its images (`force`), and the answers per image
-    (`answers`: Answers, None, or in a batch a per-item error)."""
+    `options` receives the flags a JSON body sets beside its images (`force`), and the answers: one per
+    image for "one" and "batch" (Answers, None, or in a batch a per-item error), one for a "lesion".
+    Every field must be known: an unknown one is a 422 naming it (answers are never ignored silently)."""
     options = {} if options is None else options
     mime = _check_content_type(content_type)
     if mime == "application/json" or mime.endswith("+json"):
         doc = _parse_json(body)
+        if isinstance(doc, dict):
+            _check_fields(doc, _TOP_FIELDS[route], "body")
         if isinstance(doc, dict) and "force" in doc:
             if not isinstance(doc["force"], bool):
                 raise ApiError(400, "invalid_request", '"force" must be true or false (a JSON boolean)')
             options["force"] = doc["force"]
-        if batch:
+        if route != "one":
             items = doc.get("images") if isinstance(doc, dict) else doc
             if not isinstance(items, list):
                 raise ApiError(400, "missing_image", 'expected {"images": ["<base64>", ...]} or a JSON list')
-            if isinstance(doc, dict) and "answers" in doc:
-                raise ApiError(
-                    400,
-                    "invalid_answers",
-                    'a batch takes answers per image: {"images": [{"image": "<base64>", "answers": {...}}, ...]}',
-                )
             _check_count(len(items), max_items)
-            options["answers"] = [
-                _catch(_answers, it.get("answers"), f"images[{i}].answers") if isinstance(it, dict) else None
-                for i, it in enumerate(items)
-            ]
-            return [_catch(_json_image, it, f"images[{i}]") for i, it in enumerate(items)]
+            allowed = _ITEM_FIELDS[route]
+            if route == "lesion":
+                for i, it in enumerate(items):
+                    if isinstance(it, dict):
+                        _check_fields(it, allowed, f"images[{i}]")
+                options["answers"] = [_answers(doc.get("answers") if isinstance(doc, dict) else None, "answers")]
+            else:
+                options["answers"] = [
+                    _catch(_answers, it.get("answers"), f"images[{i}].answers") if isinstance(it, dict) else None
+                    for i, it in enumerate(items)
+                ]
+            return [_catch(_json_image, it, f"images[{i}]", allowed) for i, it in enumerate(items)]
         if not isinstance(doc, dict):
             raise ApiError(400, "missing_image", 'expected a JSON object {"image": "<base64>"}')
         options["answers"] = [_answers(doc.get("answers"), "answers")]
-        return [_json_image(doc, "body")]
+        return [_json_image(doc, "body", _TOP_FIELDS["one"])]
     if mime == "multipart/form-data":
         parts = _parse_multipart(body, content_type)
-        wanted = ("file", "files") if batch else ("file",)
+        wanted = ("file",) if route == "one" else ("file", "files")
+        known = {*wanted, "answers", *(ANSWER_FIELDS if route != "batch" else ())}
+        unknown = next((name for name, _ in parts if name not in known), None)
+        if unknown is not None:
+            hint = (
+                "a batch takes answers per file: one 'answers' field (JSON) per 'file'"
+                if unknown in ANSWER_FIELDS
+                else f"the fields here are {', '.join(sorted(known - set(ANSWER_FIELDS)))} and the answers"
+            )
+            raise ApiError(422, "unknown_field", f"unknown form field {unknown!r}; {hint}")
         files = [data for name, data in parts if name in wanted]
         if not files:
             raise ApiError(400, "missing_image", "multipart upload without a 'file' field: send the photo as 'file'")
-        if batch:
+        if route != "one":
             _check_count(len(files), max_items)
         elif len(files) > 1:
             raise ApiError(400, "too_many_images", "one 'file' per request here; use /v1/predict/batch for several")
-        options["answers"] = _form_answers(parts, len(files), batch)
+        options["answers"] = _form_answers(parts, len(files), route == "batch")
         return [d if d else ApiError(400, "empty_image", "the uploaded file is empty (0 bytes)") for d in files]
     _check_content_type(content_type)
     return [body]  # a raw image/* body
@@ -584,7 +648,9 @@ def _form_answers(parts: list[tuple[str, bytes]], n_files: int, batch: bool) -> 
             )
         return [_catch(_answers_field, b, f"answers[{i}]") for i, b in enumerate(blobs)] or [None] * n_files
     if len(blobs) > 1:
-        raise ApiError(400, "invalid_answers", "one 'answers' field per request here")
+        raise ApiError(
+            400, "invalid_answers", "one 'answers' field per request here (a lesion's answers belong to the lesion)"
+        )
     values = {}
     if blobs:
         values = _answers_field(blobs[0], "answers")
@@ -696,7 +762,15 @@ class _RequestLog:
     """ASGI middleware: request id (X-Request-ID in and out), one log line and metrics per request."""
 
     _ROUTES = frozenset(
-        {"/v1/predict", "/v1/predict/batch", "/v2", "/v2/health/live", "/v2/health/ready", "/metrics"}
+        {
+            "/v1/predict",
+            "/v1/predict/batch",
+            "/v1/predict/lesion",
+            "/v2",
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/metrics",
+        }
         | {f"/v2/models/{MODEL_ROUTE_NAME}", f"/v2/models/{MODEL_ROUTE_NAME}/ready"}
     )
 
@@ -755,6 +829,19 @@ def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
 
 
 # ---------------------------------------------------------------- the app
+_IMAGE_B64 = {"type": "string", "description": "base64 image, or a data:image/...;base64, URL"}
+_FORCE = {"type": "boolean", "description": "predict a photo the quality gate refuses, too (as ?force=true)"}
+
+
+def _answers_schema(description: str) -> dict[str, Any]:
+    schema = Answers.model_json_schema()
+    return {**schema, "description": description}
+
+
+_MULTIPART_ANSWERS = {
+    "answers": {"type": "string", "description": 'the answers as one JSON object, e.g. {"age": 67}'},
+    **{name: {"type": "string", "description": question} for name, question in QUESTIONS.items()},
+}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -762,38 +849,62 @@ _PREDICT_BODY = {
             "application/json": {
                 "schema": {
                     "type": "object",
+                    "additionalProperties": False,
                     "properties": {
-                        "image": {"type": "string", "description": "base64 image or data:image/...;base64, URL"},
+                        "image": _IMAGE_B64,
                         "input": {"type": "string", "description": "same as image (prototype clients)"},
+                        "answers": _answers_schema(
+                            "optional answers about the spot; each known one adjusts the estimate"
+                        ),
+                        "force": _FORCE,
                     },
                 }
             },
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        **_MULTIPART_ANSWERS,
+                    },
+                }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
-_BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"images": {"type": "array", "items": {"type": "string"}}},
-                }
+
+
+def _images_body(item_answers: bool, lesion_answers: bool) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": {"image": _IMAGE_B64}}
+    if item_answers:
+        item["properties"]["answers"] = _answers_schema("this image's answers")
+    json_props: dict[str, Any] = {"images": {"type": "array", "items": {"anyOf": [_IMAGE_B64, item]}}, "force": _FORCE}
+    form_props: dict[str, Any] = {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+    if lesion_answers:
+        json_props["answers"] = _answers_schema("the lesion's answers: they adjust the combined estimate once")
+        form_props.update(_MULTIPART_ANSWERS)
+    else:
+        form_props["answers"] = {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "one JSON object per file, in order (empty: none)",
+        }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "additionalProperties": False, "properties": json_props}
+                },
+                "multipart/form-data": {"schema": {"type": "object", "properties": form_props}},
             },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            },
-        },
+        }
     }
-}
+
+
+_BATCH_BODY = _images_body(item_answers=True, lesion_answers=False)
+_LESION_BODY = _images_body(item_answers=False, lesion_answers=True)
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 501, 503)}
 # The page may load only what skinscan serves (photos stay in the browser as blob: and data: URLs).
 _PAGE_HEADERS = {
@@ -839,7 +950,9 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             state.pool.shutdown(wait=True)
             log.info("stopped")
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs with Swagger UI's files from the fastapi-offline package: no CDN
+        static_url="/docs-assets",
+        redoc_url=None,
         title="skinscan",
         version=__version__,
         description="Malignancy-risk screening of skin-lesion photos. A screening aid, not a diagnosis.",
@@ -880,10 +993,18 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         return state.predictor, state.batcher
 
     async def take_images(
-        request: Request, *, batch: bool
+        request: Request, *, route: Route, query: frozenset[str] = frozenset({"force"})
     ) -> tuple[list[bytes | ApiError], list[Decoded | ApiError], float, bool, list[Answers | ApiError | None]]:
         """Read (with the size limit) and parse the body, and decode its photos, in the parse pool; returns
         the image bytes, the decoded photos, the deadline, the JSON body's `force` flag and the answers."""
+        unknown = next((k for k in request.query_params if k not in query), None)
+        if unknown is not None:
+            where = " (answers travel in the body, not the query)" if unknown in ANSWER_FIELDS else ""
+            raise ApiError(
+                422,
+                "unknown_field",
+                f"unknown query parameter {unknown!r}{where}; the parameters here are {', '.join(sorted(query))}",
+            )
         started = time.perf_counter()
         deadline = started + settings.request_timeout_s
         _, batcher = service()
@@ -904,7 +1025,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
                 images = [
                     _catch(_checked, im, settings.max_pixels) if isinstance(im, bytes) else im
                     for im in _images_from_body(
-                        body, content_type, batch=batch, max_items=settings.max_batch_items, options=options
+                        body, content_type, route=route, max_items=settings.max_batch_items, options=options
                     )
                 ]
                 return images, [predictor.decode(im) if isinstance(im, bytes) else im for im in images]
@@ -950,7 +1071,9 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         A photo the quality gate refuses is a 200 answer with `quality: "retake"`, its `reasons` and no
         probability; `?force=true` (or `"force": true` in a JSON body) adds the probability anyway."""
         started = time.perf_counter()
-        images, photos, deadline, body_force, answers = await take_images(request, batch=False)
+        images, photos, deadline, body_force, answers = await take_images(
+            request, route="one", query=frozenset({"explain", "force"})
+        )
         (result,) = await predict_all(photos, deadline, force or body_force)
         if isinstance(result, ApiError):
             raise result
@@ -981,7 +1104,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     async def predict_batch(request: Request, force: bool = False) -> JSONResponse:
         """Per item: a prediction, a photo to retake (`quality: "retake"`; `force` as in /v1/predict), or an error."""
         started = time.perf_counter()
-        _, photos, deadline, body_force, answers = await take_images(request, batch=True)
+        _, photos, deadline, body_force, answers = await take_images(request, route="batch")
         results = await predict_all(photos, deadline, force or body_force)
         predictor, _ = service()
         items = []
@@ -1007,26 +1130,24 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         "/v1/predict/lesion",
         summary="Several photos of ONE lesion (as /v1/predict/batch): a combined estimate plus each photo's",
         responses=_ERRORS,  # type: ignore[arg-type]
-        openapi_extra=_BATCH_BODY,
+        openapi_extra=_LESION_BODY,
         dependencies=protected,
     )
     async def predict_lesion(request: Request, force: bool = False) -> JSONResponse:
         """The photos' logits are averaged over those the quality gate accepts (all, with `force`); answers
         (the first item's) adjust the combined estimate once. Unreadable photos are set aside with a reason."""
         started = time.perf_counter()
-        images, photos, deadline, body_force, answers = await take_images(request, batch=True)
+        images, photos, deadline, body_force, answers = await take_images(request, route="lesion")
         if len(images) > MAX_LESION_PHOTOS:
             raise ApiError(400, "too_many_images", f"a lesion takes at most {MAX_LESION_PHOTOS} photos")
-        bad = next((a for a in answers if isinstance(a, ApiError)), None)
-        if bad is not None:
-            raise bad
+        (lesion_answers,) = answers  # one set for the lesion
+        if isinstance(lesion_answers, ApiError):
+            raise lesion_answers
         results = await predict_all(photos, deadline, force or body_force)
         predictor, _ = service()
         photos = [
-            Prediction(None, None, None, predictor.threshold, error=r.message) if isinstance(r, ApiError) else r
-            for r in results
+            Prediction(None, None, None, None, error=r.message) if isinstance(r, ApiError) else r for r in results
         ]
-        lesion_answers = next((a for a in answers if isinstance(a, Answers) and not a.empty), None)
         body = combine_photos(predictor, photos, lesion_answers).to_dict()
         return JSONResponse(
             {

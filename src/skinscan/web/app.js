@@ -55,9 +55,11 @@ function clearPhotos() {
   updateLesionControls();
 }
 
-// "Start again": forget the photos of this spot (the answers to the questions stay).
+// "Start again": forget this spot: its photos and the answers about it (the next spot is another one).
 function startAgain() {
   clearPhotos();
+  $("questions-form").reset();
+  clearAnswerError();
   hideHeatmap();
   $("viewer-panel").hidden = true;
   $("photo-img").removeAttribute("src");
@@ -165,8 +167,8 @@ async function check(photo, { force = false } = {}) {
   updateLesionControls();
 }
 
-// Two or more photos of the spot: one combined estimate from /v1/predict/lesion. The answers go once, with
-// the first photo (the server adjusts the combined estimate with them).
+// Two or more photos of the spot: one combined estimate from /v1/predict/lesion. The answers go once, as
+// form fields of the lesion (the server adjusts the combined estimate with them).
 async function checkLesion({ force = lesion.forced } = {}) {
   const answers = collectAnswers();
   if (!answers) {
@@ -180,11 +182,8 @@ async function checkLesion({ force = lesion.forced } = {}) {
   renderThumbs();
   showBusy(`Checking the ${photos.length} photos…`);
   const form = new FormData();
-  const withAnswers = Object.keys(answers).length > 0;
-  photos.forEach((photo, i) => {
-    form.append("file", photo.upload, photo.name);
-    if (withAnswers) form.append("answers", i === 0 ? JSON.stringify(answers) : "");
-  });
+  for (const photo of photos) form.append("file", photo.upload, photo.name);
+  for (const [name, value] of Object.entries(answers)) form.append(name, value);
   const params = new URLSearchParams();
   if (force) params.set("force", "true");
   const query = force ? `?${params}` : "";
@@ -386,6 +385,7 @@ function showResult(body, { combined = false, retry = null } = {}) {
       aside > 0
         ? `Combined estimate from ${used} of ${body.n_photos} photos of this spot: ${aside} set aside (see the photos).`
         : `Combined estimate from ${body.n_photos} photos of this spot.`;
+    if (body.warning) show(".lesion-warning").textContent = `Please note: ${sentence(body.warning)}`;
     node.querySelector(".retake-title").textContent = "Please retake the photos";
     node.querySelector(".retake-lead").textContent = "None of these photos is good enough for a reliable estimate:";
     node.querySelector(".check-anyway").textContent = "Check these photos anyway";
