@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CSV_COLUMNS = [
     "path", "probability", "decision", "threshold", "advice", "error", "quality", "reasons",
-    "image_probability", "adjustments", "photo_type",
+    "image_probability", "adjustments", "photo_type", "diagnosis",
 ]  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def test_predict_folder_prints_table_and_writes_csv_and_json(tmp_path):
     assert "1 of 7 input(s) could not be read or scored" in out.stderr
     rows = list(csv.DictReader(csv_out.open()))
     assert len(rows) == 7
-    assert list(rows[0]) == CSV_COLUMNS  # the contract, photo_type joined last
+    assert list(rows[0]) == CSV_COLUMNS  # the contract; photo_type and diagnosis joined last
     bad = [r for r in rows if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("notes.jpg") and bad[0]["probability"] == ""
     good = [r for r in rows if not r["error"]]
