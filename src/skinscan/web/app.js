@@ -107,9 +107,11 @@ async function preparePhoto(file) {
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingQuality = "high";
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
-  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
+  // a photo that needs no shrinking goes as PNG: lossless, so the server sees the pixels the file holds
+  const type = scale === 1 ? "image/png" : "image/jpeg";
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, type, JPEG_QUALITY));
   if (!blob) return { name, file, upload: file, url, stripped: false }; // out of memory for the canvas
-  return { name: name.replace(/\.[^.]*$/, "") + ".jpg", file, upload: blob, url, stripped: true };
+  return { name: name.replace(/\.[^.]*$/, "") + (scale === 1 ? ".png" : ".jpg"), file, upload: blob, url, stripped: true };
 }
 
 // ------------------------------------------------------------------ private mode: checks on this device
