@@ -695,6 +695,7 @@ _SERVE_FLAGS = (
     "api_key",
     "cors_origins",
     "request_timeout_s",
+    "browser_model",
 )
 
 
@@ -1060,6 +1061,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allow a CORS origin (repeat)"
     )
     p.add_argument("--request-timeout-s", type=float, help="limit for one request in seconds (default 30)")
+    p.add_argument(
+        "--browser-model",
+        help="model the web page runs on the device in private mode (default skinscan-lite0-phone-int8; "
+        "'none': no private mode)",
+    )
     g = p.add_argument_group(
         "scaling out on Ray Serve (needs pip install 'skinscan[scale]')",
         "The same app as N Ray Serve replicas behind Ray's HTTP proxy; each replica reserves --threads CPUs "
@@ -1069,6 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many on load")
     g.add_argument("--address", help="Ray cluster for the replicas (default: RAY_ADDRESS, else Ray on this machine)")
     p.set_defaults(func=cmd_serve)
+    _add_site_parser(sub)
     return parser
 
 
@@ -1077,6 +1084,27 @@ def _reexec_with_malloc_tuning() -> None:
     if sys.platform.startswith("linux") and not all(k in os.environ for k in _MALLOC_ENV):
         env = {**os.environ, **_MALLOC_ENV}
         os.execve(sys.executable, [sys.executable, "-m", "skinscan", *sys.argv[1:]], env)
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from .private import write_site
+
+    written = write_site(Path(args.out), args.model)
+    size = sum(p.stat().st_size for p in written)
+    print(f"wrote the page as a static site: {len(written)} files, {size / 1e6:.1f} MB in {args.out}")
+    return 0
+
+
+def _add_site_parser(sub) -> None:
+    p = sub.add_parser(
+        "site",
+        help="write the web page as a static site (private mode only, no server)",
+        description="Write the web page, ONNX Runtime Web and the browser model into OUT: serve the folder with "
+        "any static file server (HTTPS, or localhost); every check runs on the device. See docs/private-mode.md.",
+    )
+    p.add_argument("out", help="folder to write (created)")
+    p.add_argument("--model", help="the model the page runs (default skinscan-lite0-phone-int8)")
+    p.set_defaults(func=cmd_site)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,11 +20,12 @@ from PIL import Image
 from .answers import Adjustment, Answers, apply_answers, section_from_card
 from .card import ADVICE, ModelCard, card_from_metadata, resolve_model, sha256_file
 from .data import DIAGNOSIS_LABELS, IMAGE_SUFFIXES
-from .errors import InvalidAnswers, InvalidImage, ModelLoadError
+from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
+from .graphs import MEASURES, PROBLEM_ORDER, finish_graph, prepare_graph
 from .metrics import sigmoid
 from .phototype import PhotoTypes
-from .preprocess import ImageSource, load_pixels, normalise
-from .quality import QualityGate, QualityReport, Verdict, pixel_measures
+from .preprocess import ImageSource, load_pixels
+from .quality import REASONS, QualityGate, QualityReport, Verdict
 
 Decision = Literal["refer", "monitor"]
 
@@ -117,8 +118,9 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Decoded:
-    """One photo after `Predictor.decode`: the model's uint8 (S, S, 3) pixels, the decoded photo's shorter
-    side, the quality gate's pixel measures and the time taken; or, for an unusable image, its `error`."""
+    """One photo after `Predictor.decode`: the model's uint8 (S, S, 3) pixels, the network input (3, S, S),
+    the decoded photo's shorter side, the quality gate's pixel measures and the time taken; or, for an
+    unusable image, its `error`."""
 
     pixels: np.ndarray | None = field(repr=False)
     shorter_side: int | None
@@ -126,6 +128,7 @@ class Decoded:
     error: str | None = None
     decode_ms: float = 0.0
     measure_ms: float = 0.0
+    image: np.ndarray | None = field(default=None, repr=False)
 
 
 class Predictor:
@@ -162,6 +165,21 @@ class Predictor:
         self.gate = QualityGate.from_card(self.card, self._outputs)  # pixel checks, + OOD if the card has one
         self.answers_section = section_from_card(self.card)  # the answers' adjustments; None if not fitted
         self.photo_types = PhotoTypes.from_card(self.card)  # a temperature per photo type; None: one for all
+        # The arithmetic before and after the network, as ONNX graphs built from the card: the same graphs
+        # the web page runs in private mode (skinscan.graphs; `graph_bytes` is what the service sends).
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        dim = shapes.get("embedding", [None, 1])[-1]
+        self._embedding_dim = dim if isinstance(dim, int) else 1
+        self.graph_bytes = {
+            "before": prepare_graph(self.spec).SerializeToString(),
+            "after": finish_graph(self.card, self._embedding_dim).SerializeToString(),
+        }
+        graph_options = ort.SessionOptions()
+        graph_options.intra_op_num_threads = 1  # small graphs; a server runs several decodes in parallel
+        self._before, self._after = (
+            ort.InferenceSession(self.graph_bytes[k], graph_options, providers=["CPUExecutionProvider"])
+            for k in ("before", "after")
+        )
 
     @property
     def threshold(self) -> float:
@@ -289,7 +307,7 @@ class Predictor:
         t = time.perf_counter()
         try:
             data = _read(source)
-            pixels = load_pixels(data, self.spec)
+            pixels = load_pixels(data, self.spec)  # Pillow's resize (the browser: the graph's; see graphs.py)
             side = _shorter_side(data)
         except InvalidImage as exc:
             return Decoded(None, None, None, error=str(exc), decode_ms=(time.perf_counter() - t) * 1000)
@@ -299,8 +317,45 @@ class Predictor:
             return Decoded(None, None, None, error=message, decode_ms=(time.perf_counter() - t) * 1000)
         decode_ms = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        measures = pixel_measures(pixels)
-        return Decoded(pixels, side, measures, decode_ms=decode_ms, measure_ms=(time.perf_counter() - t) * 1000)
+        image, square, measures = self._before.run(None, {"pixels": pixels})
+        return Decoded(
+            square,
+            side,
+            dict(zip(MEASURES, measures.astype(np.float64).tolist(), strict=True)),
+            decode_ms=decode_ms,
+            measure_ms=(time.perf_counter() - t) * 1000,
+            image=image[0],
+        )
+
+    def finish(
+        self, outputs: Mapping[str, np.ndarray], shorter_sides: Sequence[int | None], measures: np.ndarray
+    ) -> dict:
+        """The `after` graph on the network's outputs: probability, threshold, is_phone, ood_score, problems,
+        influence (see skinscan.graphs)."""
+        n = len(outputs["logit"])
+        feeds = {
+            "logit": outputs["logit"].astype(np.float32),
+            "embedding": outputs.get("embedding", np.zeros((n, self._embedding_dim), np.float32)),
+            "cam": outputs.get("cam", np.zeros((n, 1, 1), np.float32)),
+            "shorter_side": np.array([s or 0 for s in shorter_sides], dtype=np.float32),
+            "measures": np.asarray(measures, dtype=np.float32).reshape(n, len(MEASURES)),
+        }
+        names = [o.name for o in self._after.get_outputs()]
+        return dict(zip(names, self._after.run(None, feeds), strict=True))
+
+    def _report(
+        self, measures: Mapping[str, float], side: int | None, ood: float, problems: np.ndarray
+    ) -> QualityReport:
+        codes = tuple(code for code, on in zip(PROBLEM_ORDER, problems, strict=True) if on)
+        min_side = self.gate.thresholds.min_side
+        return QualityReport(
+            verdict="retake" if codes else "ok",
+            reasons=tuple(REASONS[c].format(side=side, min_side=min_side) for c in codes),
+            problems=codes,
+            shorter_side=side,
+            ood_score=None if self.gate.ood is None else float(ood),
+            **measures,
+        )
 
     def _diagnoses(self, log_probs: np.ndarray | None) -> list[dict] | None:
         """Each photo's `diagnosis` and `diagnoses` fields from the model's diagnosis output (None: none)."""
@@ -324,18 +379,20 @@ class Predictor:
         good = [d for d in decoded if d.error is None]
         infer_ms = gate_ms = 0.0
         if good:
-            batch = np.stack([d.pixels for d in good])
             t = time.perf_counter()
-            outputs = self.run(normalise(batch, self.spec))
+            outputs = self.run(np.stack([d.image for d in good]))
             logits, cams = outputs["logit"], outputs.get("cam")
             diagnoses = self._diagnoses(outputs.get("diagnosis"))
             infer_ms = (time.perf_counter() - t) * 1000 / len(good)
-            types = self.detect_photo_types(outputs.get("embedding"), len(good))
-            probs = self.calibrate(logits, types)
             t = time.perf_counter()
-            reports = self.gate.check(
-                batch, [d.shorter_side for d in good], outputs.get("embedding"), measures=[d.measures for d in good]
-            )
+            sides = [d.shorter_side for d in good]
+            done = self.finish(outputs, sides, np.array([[d.measures[k] for k in MEASURES] for d in good]))
+            probs = done["probability"]
+            types = [("phone" if v else "dermoscopic") if self.photo_types else None for v in done["is_phone"]]
+            reports = [
+                self._report(d.measures, d.shorter_side, done["ood_score"][i], done["problems"][i])
+                for i, d in enumerate(good)
+            ]
             gate_ms = (time.perf_counter() - t) * 1000 / len(good)
         out, j = [], 0
         for d, name in zip(decoded, names, strict=True):
@@ -343,7 +400,7 @@ class Predictor:
                 timings = MappingProxyType({"decode": round(d.decode_ms, 3)})
                 out.append(Prediction(name, None, None, None, error=d.error, timings_ms=timings))
                 continue
-            p, report, threshold = float(probs[j]), reports[j], self.threshold_for(types[j])
+            p, report, threshold = float(probs[j]), reports[j], float(done["threshold"][j])
             timings = {
                 "decode": round(d.decode_ms, 3),
                 "infer": round(infer_ms, 3),

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gzip
 import hmac
 import io
 import json
@@ -61,7 +62,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -88,6 +88,7 @@ from .lesion import MAX_PHOTOS as MAX_LESION_PHOTOS
 from .lesion import combine_photos
 from .predict import Decoded, Prediction, Predictor
 from .preprocess import MAX_PIXELS
+from .private import PrivateBundle, browser_predictor, private_bundle, web_root
 
 log = logging.getLogger("skinscan.service")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode (several workers)
@@ -119,6 +120,11 @@ class Settings(BaseSettings):
         default_factory=list, description="origins allowed by CORS, comma-separated in the environment"
     )
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="limit for one request, body included")
+    browser_model: str = Field(
+        "skinscan-lite0-phone-int8",
+        description="model the web page runs on the device (private mode): a path or a bundled model's name; "
+        "'none' serves no private mode",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -815,6 +821,7 @@ class _State:
     batcher: Batcher | None = None
     ready: bool = False
     pool: ThreadPoolExecutor | None = None
+    bundle: PrivateBundle | None = None  # private mode's files, built on the first request for them
 
 
 def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
@@ -907,13 +914,19 @@ _BATCH_BODY = _images_body(item_answers=True, lesion_answers=False)
 _LESION_BODY = _images_body(item_answers=False, lesion_answers=True)
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 501, 503)}
 # The page may load only what skinscan serves (photos stay in the browser as blob: and data: URLs).
+# Private mode: 'wasm-unsafe-eval' lets ONNX Runtime Web compile its WebAssembly; cross-origin isolation
+# (COOP + COEP) gives it SharedArrayBuffer, so it runs on several threads.
 _PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+    "img-src 'self' blob: data:; connect-src 'self' blob: data:; "
     "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
+_IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable", "Cross-Origin-Resource-Policy": "same-origin"}
 
 
 def create_app(settings: Settings | None = None, *, predictor: Predictor | None = None) -> FastAPI:
@@ -1207,6 +1220,47 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     async def page() -> FileResponse:
         return FileResponse(web / "index.html", headers=_PAGE_HEADERS)
 
+    @app.get("/sw.js", include_in_schema=False)
+    async def service_worker() -> FileResponse:
+        return FileResponse(web / "sw.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/manifest.webmanifest", include_in_schema=False)
+    async def web_manifest() -> FileResponse:
+        return FileResponse(web / "manifest.webmanifest", media_type="application/manifest+json")
+
+    runtime_wasm = web / "vendor" / "onnxruntime-web" / "ort-wasm-simd-threaded.wasm.gz"
+
+    @app.get("/web/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm", include_in_schema=False)
+    async def runtime(request: Request) -> Response:
+        # stored gzipped in the package (3.8 MB instead of 14.8 MB); sent as it is to every browser that says
+        # it takes gzip (all do), unpacked for a client that does not
+        data = runtime_wasm.read_bytes()
+        headers = {**_IMMUTABLE, "Vary": "Accept-Encoding"}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(data, media_type="application/wasm", headers={**headers, "Content-Encoding": "gzip"})
+        return Response(gzip.decompress(data), media_type="application/wasm", headers=headers)
+
+    def private() -> PrivateBundle:
+        if settings.browser_model.lower() == "none":
+            raise ApiError(404, "no_private_mode", "this server serves no private mode (browser_model is 'none')")
+        if state.bundle is None:
+            predictor_, _ = service()
+            state.bundle = private_bundle(browser_predictor(settings.browser_model, predictor_))
+        return state.bundle
+
+    @app.get("/private/model.json", include_in_schema=False)
+    async def private_manifest() -> Response:
+        bundle = await asyncio.get_running_loop().run_in_executor(None, private)
+        return Response(bundle.manifest_bytes, media_type="application/json", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/private/{folder}/{name}", include_in_schema=False)
+    async def private_file(folder: str, name: str) -> Response:
+        bundle = await asyncio.get_running_loop().run_in_executor(None, private)
+        data = bundle.files.get(f"private/{folder}/{name}")
+        if data is None:
+            raise ApiError(404, "not_found", f"no private-mode file {folder}/{name}: fetch /private/model.json first")
+        return Response(data, media_type="application/octet-stream", headers=_IMMUTABLE)
+
     app.mount("/web", StaticFiles(directory=web), name="web")
     return app
 
@@ -1233,7 +1287,7 @@ def _heatmap(data: bytes | ApiError, pred: Prediction) -> dict[str, Any]:
 
 
 def _web_root() -> Path:
-    return Path(str(resources.files("skinscan").joinpath("web")))
+    return web_root()
 
 
 def _checked(data: bytes, max_pixels: int) -> bytes:

@@ -11,7 +11,16 @@
 // server's model can use them; the answers given travel as form fields beside the photo, and the result
 // lists how each one moved the estimate ("bleeding: odds x3.1").
 
+import * as device from "./private.js";
+
 const MAX_PHOTOS = 4;
+const MODE_STORAGE = "skinscan-mode";
+const PRIVACY = {
+  device: "Private mode: your photo is checked on this device and never leaves it. After your first visit the page also works offline.",
+  server:
+    "Your photo is sent to this skinscan server to be checked, re-encoded without its metadata (such as the place it was taken); skinscan does not store it.",
+  static: "Your photo is checked on this device and never leaves it; this site has no server to send it to.",
+};
 const MAX_SIDE = 1280; // longer side sent to the server: the model looks at 224 px, the quality checks at more
 const MAX_UNSHRUNK_BYTES = 4 * 1024 * 1024; // a small photo is sent as it is, unless its file is this big
 const JPEG_QUALITY = 0.92;
@@ -27,6 +36,9 @@ const lesion = { photos: [], selected: null, forced: false, answered: false };
 let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
 let inFlight = null; // AbortController of the request whose answer the page is waiting for
 let heatFlight = null; // AbortController of the heatmap request of the selected photo
+// Where photos are checked: "device" (private mode, the default where the browser can run the model) or
+// "server". `uploadAllowed`: the person chose the server (or agreed to send this browser's photos there).
+const privateMode = { mode: "server", supported: false, hasServer: true, uploadAllowed: false, manifest: null };
 
 // ------------------------------------------------------------------ adding photos
 // `add`: another photo of the same spot (the "Add another photo" control); otherwise a new spot.
@@ -39,7 +51,8 @@ async function addFiles(files, { add = false } = {}) {
   const photo = await preparePhoto(file);
   lesion.photos.push(photo);
   selectPhoto(photo);
-  if (lesion.photos.length === 1) await check(photo);
+  if (privateMode.mode === "device") await checkOnDevice(photo);
+  else if (lesion.photos.length === 1) await check(photo);
   else await checkLesion();
 }
 
@@ -72,9 +85,10 @@ function startAgain() {
   $("choose-button").focus();
 }
 
-// Decode the photo in the browser; shrink it (canvas, JPEG) when it is large. A file the browser cannot
-// decode (not an image, or HEIC on most desktop browsers) goes to the server as it is: the server reads
-// HEIC, and says clearly why anything else is refused.
+// Decode the photo in the browser for showing it. `file` stays for checks on the device; `upload` is what
+// goes to the server: re-encoded (canvas, JPEG), which drops the metadata phone photos carry (GPS position,
+// camera), and shrunk when large. A file the browser cannot decode (not an image, or HEIC on most desktop
+// browsers) cannot be re-encoded: the page asks before it sends such a file as it is.
 async function preparePhoto(file) {
   const name = file.name || "photo";
   const url = URL.createObjectURL(file);
@@ -84,22 +98,95 @@ async function preparePhoto(file) {
     await img.decode(); // <img> applies the EXIF orientation, so the canvas copy is upright too
   } catch {
     URL.revokeObjectURL(url);
-    return { name, upload: file, url: null };
+    return { name, file, upload: file, url: null, stripped: false };
   }
   const w = img.naturalWidth;
   const h = img.naturalHeight;
   const scale = Math.min(1, MAX_SIDE / Math.max(w, h));
-  if (scale === 1 && file.size <= MAX_UNSHRUNK_BYTES) return { name, upload: file, url };
   const canvas = document.createElement("canvas");
   canvas.width = Math.max(1, Math.round(w * scale));
   canvas.height = Math.max(1, Math.round(h * scale));
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingQuality = "high";
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
-  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", JPEG_QUALITY));
-  if (!blob) return { name, upload: file, url }; // out of memory for the canvas: send the original
-  URL.revokeObjectURL(url);
-  return { name: name.replace(/\.[^.]*$/, "") + ".jpg", upload: blob, url: URL.createObjectURL(blob) };
+  // a photo that needs no shrinking goes as PNG: lossless, so the server sees the pixels the file holds
+  const type = scale === 1 ? "image/png" : "image/jpeg";
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, type, JPEG_QUALITY));
+  if (!blob) return { name, file, upload: file, url, stripped: false }; // out of memory for the canvas
+  return { name: name.replace(/\.[^.]*$/, "") + (scale === 1 ? ".png" : ".jpg"), file, upload: blob, url, stripped: true };
+}
+
+// ------------------------------------------------------------------ private mode: checks on this device
+async function checkOnDevice(photo, { force = false } = {}) {
+  photo.forced = force;
+  showBusy(device.loaded() ? "Checking the photo on this device…" : "Loading the model onto this device (once)…");
+  let body;
+  try {
+    body = await device.check(photo.file, { force });
+  } catch (err) {
+    showError(`This photo could not be checked on this device (${err.message || err}).`, "device_failed", photo);
+    return;
+  }
+  if (lesion.photos[0] !== photo) return; // Start again while it was being checked
+  photo.result = body;
+  photo.heatmap = body.probability === null ? null : await device.heatmapPng(photo.file, body.influence).catch(() => null);
+  lesion.answered = true;
+  showResult(body, { retry: () => checkOnDevice(photo, { force: true }) });
+  if (lesion.selected === photo) showHeatmap(photo);
+  showModel(body.model);
+  updateLesionControls();
+}
+
+// Before anything is uploaded where the person has not chosen the server: ask.
+function askUpload(photo, send) {
+  if (privateMode.uploadAllowed && photo.stripped) return send();
+  const node = fromTemplate("tpl-ask-upload");
+  const why = [];
+  if (!privateMode.uploadAllowed) why.push("This browser cannot check photos on this device, so the photo would be checked on the skinscan server.");
+  if (!photo.stripped) why.push("This browser cannot read this file, so it cannot remove the file's metadata (such as the place it was taken) before sending it.");
+  node.querySelector(".ask-upload-why").textContent = why.join(" ");
+  node.querySelector(".ask-send").addEventListener("click", () => {
+    privateMode.uploadAllowed = true;
+    photo.stripped = true; // agreed for this file
+    send();
+  });
+  node.querySelector(".ask-cancel").addEventListener("click", () => startAgain());
+  setResult(node);
+  return Promise.resolve();
+}
+
+function setMode(mode, { remember = true } = {}) {
+  privateMode.mode = mode;
+  if (mode === "server") privateMode.uploadAllowed = remember || privateMode.uploadAllowed;
+  if (remember) localStorage.setItem(MODE_STORAGE, mode);
+  $("mode-device").checked = mode === "device";
+  $("mode-server").checked = mode === "server";
+  const text = !privateMode.hasServer ? PRIVACY.static : PRIVACY[mode];
+  $("mode-note").textContent = text;
+  $("privacy-item").textContent = text;
+  document.documentElement.dataset.mode = mode;
+  $("questions").hidden = mode === "device" || !privateMode.answers; // the answers are used by the server only
+  if (mode === "device" && privateMode.manifest) showModel(privateMode.manifest);
+  updateLesionControls();
+}
+
+async function initPrivateMode() {
+  privateMode.supported = device.deviceSupported();
+  try {
+    privateMode.manifest = await device.manifest();
+    privateMode.hasServer = privateMode.manifest.server !== false;
+  } catch {
+    privateMode.supported = false; // this server offers no private mode
+  }
+  $("mode-device").disabled = !privateMode.supported;
+  $("mode-server").disabled = !privateMode.hasServer;
+  const saved = localStorage.getItem(MODE_STORAGE);
+  const mode = !privateMode.supported ? "server" : saved === "server" && privateMode.hasServer ? "server" : "device";
+  setMode(mode, { remember: saved === mode });
+  if (!privateMode.supported) $("mode-note").textContent = "This browser cannot check photos on this device. " + PRIVACY.server;
+  if (privateMode.supported && "serviceWorker" in navigator) {
+    navigator.serviceWorker.register(new URL("../sw.js", import.meta.url).href).catch(() => {});
+  }
 }
 
 // ------------------------------------------------------------------ talking to the server
@@ -143,6 +230,7 @@ async function post(url, form, retry, photo = null) {
 }
 
 async function check(photo, { force = false } = {}) {
+  if (!privateMode.uploadAllowed || !photo.stripped) return askUpload(photo, () => check(photo, { force }));
   const answers = collectAnswers();
   if (!answers) {
     showError(INVALID_ANSWERS, "invalid_answers", photo);
@@ -170,6 +258,8 @@ async function check(photo, { force = false } = {}) {
 // Two or more photos of the spot: one combined estimate from /v1/predict/lesion. The answers go once, as
 // form fields of the lesion (the server adjusts the combined estimate with them).
 async function checkLesion({ force = lesion.forced } = {}) {
+  const unsent = lesion.photos.find((p) => !p.stripped);
+  if (!privateMode.uploadAllowed || unsent) return askUpload(unsent || lesion.photos[0], () => checkLesion({ force }));
   const answers = collectAnswers();
   if (!answers) {
     showError(INVALID_ANSWERS, "invalid_answers");
@@ -227,8 +317,9 @@ async function loadModelInfo() {
     const response = await fetch("/v2/models/skinscan", { headers: authHeaders() });
     if (response.ok) {
       const meta = await response.json();
-      showModel(meta.model);
-      $("questions").hidden = !Array.isArray(meta.answers) || meta.answers.length === 0;
+      privateMode.answers = Array.isArray(meta.answers) && meta.answers.length > 0;
+      if (privateMode.mode === "server") showModel(meta.model);
+      $("questions").hidden = privateMode.mode === "device" || !privateMode.answers;
     }
   } catch {
     // the page works without it; the model appears with the first result
@@ -350,7 +441,8 @@ function applyHeatmapControls() {
 
 function showModel(model) {
   if (!model) return;
-  $("model-info").textContent = `Model: ${model.name}, version ${model.version}`;
+  const where = privateMode.mode === "device" ? " (on this device)" : "";
+  $("model-info").textContent = `Model: ${model.name}, version ${model.version}${where}`;
   $("footer-model").textContent = `skinscan · model ${model.name} ${model.version}`;
 }
 
@@ -377,6 +469,14 @@ function showResult(body, { combined = false, retry = null } = {}) {
   const hasProbability = typeof body.probability === "number";
   const quality = qualityOf(body);
   const retake = quality.verdict === "retake";
+  // for programs and the browser tests: what was estimated, and where
+  node.dataset.mode = body.mode || "server";
+  if (hasProbability) node.dataset.probability = String(body.probability);
+  if (body.decision) node.dataset.decision = body.decision;
+  if (quality.verdict) node.dataset.quality = quality.verdict;
+  if (body.photo_type) node.dataset.photoType = body.photo_type;
+  if (body.influence) node.dataset.influence = JSON.stringify(body.influence);
+  else if (body.heatmap) node.dataset.cam = JSON.stringify(body.heatmap);
 
   if (combined) {
     const used = typeof body.n_used === "number" ? body.n_used : body.n_photos;
@@ -525,7 +625,8 @@ function photoSummary(r) {
 function updateLesionControls() {
   const n = lesion.photos.length;
   $("lesion-controls").hidden = n === 0;
-  $("add-button").hidden = !lesion.answered || n >= MAX_PHOTOS;
+  // on the device one photo at a time: combining several is the server's (see docs/private-mode.md)
+  $("add-button").hidden = !lesion.answered || n >= MAX_PHOTOS || privateMode.mode === "device";
   $("lesion-count").textContent =
     n === 0 ? "" : n >= MAX_PHOTOS ? `${n} photos of this spot (the most it takes).` : `${n} of up to ${MAX_PHOTOS} photos of this spot.`;
 }
@@ -577,7 +678,7 @@ function answersChanged() {
 }
 
 // ------------------------------------------------------------------ wiring
-function init() {
+async function init() {
   $("choose-button").addEventListener("click", () => $("file-input").click());
   $("take-button").addEventListener("click", () => $("camera-input").click());
   for (const id of ["file-input", "camera-input"]) {
@@ -622,7 +723,12 @@ function init() {
   $("questions-apply").addEventListener("click", () => {
     const photo = lesion.photos[0];
     if (!photo) return;
-    const done = lesion.photos.length > 1 ? checkLesion() : check(photo, { force: Boolean(photo.forced) });
+    const done =
+      privateMode.mode === "device"
+        ? checkOnDevice(photo, { force: Boolean(photo.forced) })
+        : lesion.photos.length > 1
+          ? checkLesion()
+          : check(photo, { force: Boolean(photo.forced) });
     done.then(() => $("result-title").scrollIntoView()); // the result is above the questions: bring it into view
   });
   $("add-button").addEventListener("click", () => $("add-input").click());
@@ -633,7 +739,15 @@ function init() {
   $("restart-button").addEventListener("click", startAgain);
   $("heatmap-toggle").addEventListener("change", applyHeatmapControls);
   $("heatmap-opacity").addEventListener("input", applyHeatmapControls);
-  loadModelInfo();
+  for (const input of [$("mode-device"), $("mode-server")]) {
+    input.addEventListener("change", () => {
+      if (!input.checked) return;
+      startAgain();
+      setMode(input.value);
+    });
+  }
+  await initPrivateMode();
+  if (privateMode.hasServer) loadModelInfo();
   document.documentElement.dataset.ready = "true"; // for the browser tests
 }
 
