@@ -20,7 +20,7 @@ from PIL import Image
 from .answers import Adjustment, Answers, apply_answers, section_from_card
 from .card import ADVICE, ModelCard, card_from_metadata, resolve_model, sha256_file
 from .data import DIAGNOSIS_LABELS, IMAGE_SUFFIXES
-from .errors import InvalidAnswers, InvalidImage, ModelLoadError, SkinscanError
+from .errors import InvalidAnswers, InvalidImage, ModelLoadError
 from .graphs import MEASURES, PROBLEM_ORDER, finish_graph, prepare_graph
 from .metrics import sigmoid
 from .phototype import PhotoTypes
