@@ -459,3 +459,10 @@ def diagnosis_prior(records: Sequence[Record], weights: np.ndarray) -> np.ndarra
         if r.diagnosis:
             prior[DIAGNOSES.index(r.diagnosis)] += w
     return prior / prior.sum() if prior.sum() else prior
+
+
+def prior_shift(prior: Sequence[float]) -> np.ndarray:
+    """What the diagnosis head's raw logits gain so that every class counts alike: -log(prior), and -1e4 for
+    classes the training data lacked (their weights never learned anything). float32, as the graph holds it."""
+    p = np.asarray(prior, dtype=np.float64)
+    return np.where(p > 0, -np.log(np.where(p > 0, p, 1.0)), -1e4).astype(np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .card import CARD_FORMAT, INTENDED_USE, KNOWN_LIMITS, write_card
 from .config import TrainConfig, load_config
-from .data import DIAGNOSES
+from .data import DIAGNOSES, prior_shift
 from .errors import ModelLoadError, SkinscanError
 from .phototype import DERMOSCOPIC_MIN_PROBABILITY
 
@@ -55,10 +55,7 @@ class _ExportWrapper(torch.nn.Module):
         self.nets = torch.nn.ModuleList([nets] if isinstance(nets, LesionNet) else list(nets))
         self.diagnose = prior is not None
         if self.diagnose:
-            p = np.asarray(prior, dtype=np.float64)
-            # classes the training data lacked get no chance (their head weights never learned anything)
-            shift = np.where(p > 0, -np.log(np.where(p > 0, p, 1.0)), -1e4).astype(np.float32)
-            self.register_buffer("prior_shift", torch.from_numpy(shift))
+            self.register_buffer("prior_shift", torch.from_numpy(prior_shift(prior)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = [net.features(image) for net in self.nets]

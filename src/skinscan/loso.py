@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .data import DIAGNOSES, Record, grouped_kfold, sampling_weights
+from .data import DIAGNOSES, Record, grouped_kfold, prior_shift, sampling_weights
 from .errors import SkinscanError
 from .phototype import SOURCE_PHOTO_TYPE
 from .preprocess import PreprocessSpec, load_pixels
@@ -398,8 +398,7 @@ def score_run(run: Path, records: Sequence[Record], progress: bool = True) -> Sc
             z, d = net.forward_both(x.contiguous(memory_format=torch.channels_last))
         logits.append(z.numpy())
         if d is not None and prior:
-            p = np.array([prior[c] for c in DIAGNOSES])
-            shifted = d.numpy() - np.log(np.where(p > 0, p, 1.0)) + np.where(p > 0, 0.0, -1e4)
+            shifted = d.numpy() + prior_shift([prior[c] for c in DIAGNOSES])
             diag.append(shifted - np.logaddexp.reduce(shifted, axis=1, keepdims=True))
         bar.update(len(chunk))
     bar.close()
