@@ -273,3 +273,19 @@ def test_predictor_service_and_cli_carry_the_diagnosis(diagnosis_model, tmp_path
         assert [row["diagnosis"] for row in csv.DictReader(f)] == [r.diagnosis for r in results]
     default = Predictor()
     assert default.predict(examples[:1], force=True)[0].diagnosis is None  # no head: no diagnosis, no guess
+
+
+@pytest.mark.data
+def test_settings_that_name_sources_must_name_ones_the_data_holds(pad_ufes, data_root):
+    pytest.importorskip("torch", reason="needs the train extra")
+    from skinscan.config import load_config
+    from skinscan.errors import ConfigError
+    from skinscan.train import load_training_records
+
+    data = [str(pad_ufes), str(data_root / "clinical-atlas")]
+    for key, value in (("exclude_sources", ["dermnet"]), ("source_weights", {"dermnet": 1.0})):
+        with pytest.raises(ConfigError, match=r"names unknown source\(s\) \['dermnet'\]; sources: .*'dermnet-nz'"):
+            load_training_records(load_config(overrides={"data": data, key: value}))
+    records, info = load_training_records(load_config(overrides={"data": data, "exclude_sources": ["sd-198"]}))
+    assert "sd-198" not in info["per_source"] and info["excluded_images"] == 300
+    assert {r.source for r in records} == {"pad-ufes-20-phone", "fitzpatrick17k", "dermnet-nz"}

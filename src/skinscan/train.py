@@ -77,11 +77,7 @@ def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
         records += load_dataset(root, split="train" if has_train_split else None)
     n_excluded = 0
     if cfg.exclude_sources:
-        unknown = set(cfg.exclude_sources) - {r.source for r in records}
-        if unknown:
-            raise ConfigError(
-                f"exclude_sources names unknown source(s) {sorted(unknown)}; sources: {sorted({r.source for r in records})}"
-            )
+        _check_sources("exclude_sources", cfg.exclude_sources, records)
         kept = [r for r in records if r.source not in cfg.exclude_sources]
         n_excluded, records = len(records) - len(kept), kept
     if cfg.exclude_patients:
@@ -93,12 +89,7 @@ def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
         rng = np.random.default_rng(cfg.split_seed_used)  # which images: data, like the split
         records = [records[i] for i in sorted(rng.permutation(len(records))[: cfg.limit])]
     if cfg.source_weights:
-        unknown = set(cfg.source_weights) - {r.source for r in records}
-        if unknown:
-            raise ConfigError(
-                f"source_weights names unknown source(s) {sorted(unknown)}; sources: "
-                f"{sorted({r.source for r in records})}"
-            )
+        _check_sources("source_weights", cfg.source_weights, records)
         sampling_weights(records, cfg.source_weights)  # every source named: checked before any training
     digest = hashlib.sha256("\n".join(sorted(f"{r.uid}:{r.md5 or ''}" for r in records)).encode())
     info = {
@@ -110,6 +101,14 @@ def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
         "records_sha256": digest.hexdigest(),
     }
     return records, info
+
+
+def _check_sources(setting: str, names, records: list[Record]) -> None:
+    """A setting that names sources must name ones the data holds."""
+    sources = {r.source for r in records}
+    unknown = set(names) - sources
+    if unknown:
+        raise ConfigError(f"{setting} names unknown source(s) {sorted(unknown)}; sources: {sorted(sources)}")
 
 
 def _split_info(train: list[Record], val: list[Record]) -> dict:
