@@ -280,3 +280,31 @@ def test_figures_per_recorded_skin_type():
         by_skin_type(records[:5], p[:5], t[:5]) != {}
         and by_skin_type([Record(Path("a.jpg"), 1, "isic", "a.jpg")], p[:1], t[:1]) == {}
     )  # nothing recorded: no table
+
+
+def test_skin_type_groups_of_leave_one_source_out_share_the_figures():
+    """loso.skin_type_figures is evaluate.by_group over the groups I-II, III-IV, V-VI of Record.skin_type:
+    records of types 1 and 2 are one group, unrecorded ones none, and the figures are by_group's."""
+    from pathlib import Path
+
+    from skinscan.data import Record
+    from skinscan.evaluate import by_group
+    from skinscan.loso import skin_type_figures
+
+    rng = np.random.default_rng(7)
+    types = [1] * 20 + [2] * 20 + [4] * 30 + [None] * 10 + [6] * 4
+    labels = [int(rng.random() < 0.5) for _ in types[:70]] + [1] * 10 + [0] * 4
+    records = [
+        Record(Path(f"{i}.jpg"), y, "fitzpatrick17k", f"{i}.jpg", group=f"g{i}", skin_type=s)
+        for i, (s, y) in enumerate(zip(types, labels, strict=True))
+    ]
+    p = np.clip(np.array(labels) * 0.3 + rng.random(len(labels)) * 0.7, 0, 1)
+    t = np.full(len(p), 0.4)
+    got = skin_type_figures(records, p, t, n_boot=50)
+    assert list(got) == ["I-II", "III-IV", "V-VI"]
+    assert got["I-II"]["n"] == 40 and got["III-IV"]["n"] == 30 and got["V-VI"] == {"n": 4, "n_malignant": 0,
+        "specificity": float((p[80:] < 0.4).mean())}  # fmt: skip
+    y = np.array(labels[:40])
+    assert got["I-II"]["auc"] == pytest.approx(roc_auc(y, p[:40]))
+    keys = ["I-II"] * 40 + ["III-IV"] * 30 + [None] * 14
+    assert by_group(records, p, t, keys, ("III-IV",), n_boot=50) == {"III-IV": got["III-IV"]}

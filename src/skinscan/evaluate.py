@@ -2,7 +2,7 @@
 
 Metrics per subset (for isic-mvb test: all 660 and the 646 without near-duplicates in train), with
 bootstrap 95% intervals that resample whole patients where the dataset records them. `patients` scores
-only those patients' photos (the phone set's locked box: `splits/pad-ufes-20-phone-lockbox.txt`), and
+only those patients' photos (e.g. one clinic's), and
 `record_in_card` stores a report in the model card's `metrics`, where the model's figures travel with it.
 """
 
@@ -47,15 +47,32 @@ def by_skin_type(
     records: Sequence[Record], probs: np.ndarray, thresholds: np.ndarray, n_boot: int = 1000
 ) -> dict[str, dict]:
     """Figures per Fitzpatrick skin type where the dataset records it (the phone set), types in order and
-    "not recorded" last: n and cancers always; AUC with its patient-grouped interval, sensitivity,
-    specificity and ECE where both classes occur, else the one rate that exists. {} if no type is recorded."""
+    "not recorded" last (`by_group`). {} if no type is recorded."""
     types = [meta_level(r.meta.get(META_FIELDS["skin_type_fitzpatrick"])) for r in records]
     if all(t == "not recorded" for t in types):
         return {}
+    return by_group(
+        records, probs, thresholds, types, sorted(set(types), key=lambda v: (v == "not recorded", v)), n_boot
+    )
+
+
+def by_group(
+    records: Sequence[Record],
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    keys: Sequence[str | None],
+    order: Sequence[str],
+    n_boot: int = 1000,
+) -> dict[str, dict]:
+    """Figures per group of `order` (each record's group in `keys`; None: in none): n and cancers always;
+    AUC with its patient-grouped interval, sensitivity, specificity and ECE where both classes occur, else
+    the one rate that exists. Groups without a record are left out."""
     y, p, t = np.array([r.label for r in records]), np.asarray(probs, dtype=float), np.asarray(thresholds)
     out = {}
-    for level in sorted(set(types), key=lambda v: (v == "not recorded", v)):
-        ix = np.array([i for i, v in enumerate(types) if v == level])
+    for level in order:
+        ix = np.array([i for i, v in enumerate(keys) if v == level], dtype=int)
+        if len(ix) == 0:
+            continue
         yy, refer = y[ix], p[ix] >= t[ix]
         entry: dict = {"n": len(ix), "n_malignant": int(yy.sum())}
         if 0 < yy.sum() < len(ix):

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MIN_CANCERS_FOR_THRESHOLD = 20  # a training source with fewer cancers does not set its type's threshold
 SKIN_TYPE_GROUPS = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}
+SKIN_GROUP_ORDER = ("I-II", "III-IV", "V-VI")
 PHONE_DIAGNOSES = ("melanoma", "bcc", "scc", "actinic_keratosis", "nevus", "benign_keratosis")
 
 
@@ -243,20 +244,9 @@ def diagnosis_figures(records: Sequence[Record], diag: np.ndarray, classes: Sequ
 
 def skin_type_figures(records: Sequence[Record], p: np.ndarray, t: np.ndarray, n_boot: int) -> dict:
     """AUC [interval], sensitivity and specificity per skin-type group (I-II, III-IV, V-VI) where recorded."""
-    groups = [SKIN_TYPE_GROUPS.get(r.skin_type) for r in records]
-    out = {}
-    for g in ("I-II", "III-IV", "V-VI"):
-        ix = np.array([i for i, v in enumerate(groups) if v == g])
-        if len(ix) == 0:
-            continue
-        y = np.array([records[i].label for i in ix])
-        entry: dict = {"n": len(ix), "n_malignant": int(y.sum())}
-        if 0 < y.sum() < len(ix):
-            m = metrics.binary_metrics(y, p[ix], t[ix], [records[i].group for i in ix], n_boot=n_boot)
-            entry |= {"auc": m.auc, "auc_ci": list(m.auc_ci), "sensitivity": m.sensitivity}
-            entry |= {"specificity": m.specificity}
-        out[g] = entry
-    return out
+    from .evaluate import by_group
+
+    return by_group(records, p, t, [SKIN_TYPE_GROUPS.get(r.skin_type) for r in records], SKIN_GROUP_ORDER, n_boot)
 
 
 # ------------------------------------------------------------------------------------------------ protocol
