@@ -68,6 +68,22 @@ def isic_mvb(data_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def isic_archive_more(data_root: Path) -> Path:
+    path = data_root / "isic-archive-more"
+    if not (path / "labels.csv").is_file():
+        _data_missing(f"{path}: isic-archive-more not found under the data root; set SKINSCAN_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def clinical_atlas(data_root: Path) -> Path:
+    path = data_root / "clinical-atlas"
+    if not (path / "labels.csv").is_file():
+        _data_missing(f"{path}: clinical-atlas not found under the data root; set SKINSCAN_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
 def pad_ufes(data_root: Path) -> Path:
     path = data_root / "pad-ufes-20-phone"
     if not (path / "labels.csv").is_file():

@@ -28,19 +28,13 @@ def _rec(i: int, source: str, label: int, diagnosis: str | None, group: str | No
 
 # ------------------------------------------------------------------------------------------ readers (real)
 @pytest.fixture(scope="module")
-def archive_more(data_root: Path) -> list[Record]:
-    path = data_root / "isic-archive-more"
-    if not (path / "labels.csv").is_file():
-        pytest.skip(f"{path} not found")
-    return load_dataset(path)
+def archive_more(isic_archive_more: Path) -> list[Record]:
+    return load_dataset(isic_archive_more)
 
 
 @pytest.fixture(scope="module")
-def atlas(data_root: Path) -> list[Record]:
-    path = data_root / "clinical-atlas"
-    if not (path / "labels.csv").is_file():
-        pytest.skip(f"{path} not found")
-    return load_dataset(path)
+def atlas(clinical_atlas: Path) -> list[Record]:
+    return load_dataset(clinical_atlas)
 
 
 @pytest.mark.data

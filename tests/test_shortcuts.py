@@ -1,0 +1,243 @@
+"""Shortcut checks (skinscan.shortcuts): pasting the sources' marks, and the counterfactual on the default
+model: a logo, text, ruler, vignette or ink circle pasted onto held-out benign photos must not move the
+median photo's probability by 0.02 or more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skinscan.data import Record, load_dataset
+from skinscan.errors import SkinscanError
+from skinscan.predict import Prediction
+from skinscan.preprocess import PreprocessSpec
+from skinscan.shortcuts import (
+    PLACEMENTS,
+    Placement,
+    held_out,
+    load_stamps,
+    paste_stamp,
+    spread,
+    stamp_effects,
+)
+from skinscan.stamps import build_stamps, vignette
+
+MAX_MEDIAN_CHANGE = 0.02  # issue 16: the bar for every stamp (median |change| of the probability)
+ISIC_MVB_PHOTOS = 60  # isic-mvb test benign photos, spread evenly
+PHOTOS_PER_SOURCE = 15  # benign photos of every other held-out source
+
+
+@pytest.fixture(scope="module")
+def stamps(data_root: Path, clinical_atlas, isic_archive_more, pad_ufes) -> dict[str, Image.Image]:
+    """The stamps, cut from the datasets' photos (skinscan.stamps)."""
+    return build_stamps(data_root)
+
+
+def _square(colour: tuple[int, ...], size: tuple[int, int] = (10, 10)) -> Image.Image:
+    return Image.new("RGBA", size, colour)
+
+
+def _grey(size: tuple[int, int] = (100, 80), value: int = 128) -> Image.Image:
+    return Image.new("RGB", size, (value, value, value))
+
+
+# ------------------------------------------------------------------------------------------ paste_stamp
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+@pytest.mark.parametrize("size", [(100, 80), (60, 90), (224, 224)])
+@pytest.mark.data
+def test_paste_keeps_the_photo_size_and_leaves_the_input_unchanged(stamps, name, size):
+    photo = _grey(size)
+    before = photo.tobytes()
+    out = paste_stamp(photo, stamps[name], name)
+    assert out.size == size and out.mode == "RGB"
+    assert photo.tobytes() == before
+    assert out.tobytes() != before  # every stamp shows on a plain grey photo
+
+
+def test_corner_stamp_lands_at_the_bottom_left_scaled_to_the_shorter_side():
+    where = Placement("bottom-left", width=0.25, margin=(0.1, 0.1))
+    out = np.array(paste_stamp(_grey((100, 80), 0), _square((255, 255, 255, 255)), where))
+    # shorter side 80: a 20x20 stamp, 8 px from the left edge and from the bottom
+    assert (out[52:72, 8:28] == 255).all()
+    out[52:72, 8:28] = 0
+    assert (out == 0).all()
+
+
+def test_bottom_stamp_spans_the_width_and_centre_stamp_sits_in_the_middle():
+    bottom = np.asarray(paste_stamp(_grey((100, 80), 0), _square((255, 255, 255, 255), (40, 4)), Placement("bottom")))
+    assert (bottom[70:] == 255).all() and (bottom[:70] == 0).all()  # 40x4 -> 100x10 along the bottom edge
+    centre = np.asarray(paste_stamp(_grey((100, 80), 0), _square((255, 255, 255, 255)), Placement("centre", width=0.5)))
+    ys, xs = np.nonzero(centre[..., 0])
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (20, 59, 30, 69)  # 40x40 in the middle
+
+
+def test_over_paints_with_alpha_and_multiply_darkens_by_the_stamp_colour():
+    half_white = _square((255, 255, 255, 128), (100, 80))
+    over = np.asarray(paste_stamp(_grey(value=100), half_white, Placement("fill")))
+    assert np.allclose(over, 100 + (255 - 100) * 128 / 255, atol=1)
+    white = np.asarray(paste_stamp(_grey(value=100), half_white, Placement("fill", blend="multiply")))
+    assert (white == 100).all()  # a white filter absorbs nothing
+    half_black = _square((0, 0, 0, 128), (100, 80))
+    dark = np.asarray(paste_stamp(_grey(value=100), half_black, Placement("fill", blend="multiply")))
+    assert np.allclose(dark, 100 * (1 - 128 / 255), atol=1)
+
+
+def test_vignette_darkens_the_corners_not_the_centre():
+    for size in ((224, 224), (288, 216)):
+        out = np.asarray(paste_stamp(_grey(size, 180), vignette(), "vignette")).astype(int)
+        h, w = out.shape[:2]
+        for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+            assert out[y, x].max() < 20, (size, y, x)
+        assert (out[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] == 180).all()
+
+
+@pytest.mark.data
+def test_real_stamps_show_where_their_source_puts_them(stamps):
+    assert set(stamps) == set(PLACEMENTS)
+    assert all(s.mode == "RGBA" for s in stamps.values())
+    photo = _grey((288, 216), 100)
+    grey = np.asarray(photo).astype(int)
+
+    def changed(name: str) -> np.ndarray:
+        return np.abs(np.asarray(paste_stamp(photo, stamps[name], name)).astype(int) - grey).max(-1) > 20
+
+    for corner_mark in ("dermnet-logo", "sfs-text"):
+        ys, xs = np.nonzero(changed(corner_mark))
+        assert ys.min() > 216 * 0.6 and xs.max() < 288 * 0.35, corner_mark  # bottom left only
+    ys, _ = np.nonzero(changed("ruler"))
+    assert ys.min() > 216 * 0.85  # along the bottom edge
+    ink = changed("ink-circle")
+    ys, xs = np.nonzero(ink)
+    assert abs(ys.mean() - 108) < 15 and abs(xs.mean() - 144) < 15  # a ring around the centre...
+    assert not ink[98:118, 134:154].any()  # ...with the lesion's place left clear
+
+
+def test_load_stamps_reads_a_folder_and_names_what_is_missing(tmp_path):
+    vignette().save(tmp_path / "vignette.png")
+    assert load_stamps(tmp_path, ["vignette"])["vignette"].tobytes() == vignette().tobytes()
+    with pytest.raises(SkinscanError, match="unknown stamp 'logo'"):
+        load_stamps(tmp_path, ["logo"])
+    with pytest.raises(SkinscanError, match=r"ruler\.png not found.*build_stamps"):
+        load_stamps(tmp_path, ["ruler"])
+    with pytest.raises(SkinscanError, match="missing there"):
+        build_stamps(tmp_path)
+
+
+# --------------------------------------------------------------------------- stamp_effects (stub model)
+class _DarknessModel:
+    """Stands in for a Predictor: probability = the photo's darkness, refer at 0.5."""
+
+    spec = PreprocessSpec(size=32)
+
+    def predict(self, images, *, batch_size=32, force=False):
+        assert force  # the check scores every photo, retakes included
+        out = []
+        for img in images:
+            p = 1.0 - float(np.asarray(img, dtype=float).mean()) / 255.0
+            out.append(Prediction(None, p, "refer" if p >= 0.5 else "monitor", 0.5))
+        return out
+
+
+def test_stamp_effects_summarises_each_stamp_and_skips_photos_that_carry_it():
+    photos = [_grey((40, 40), v) for v in (140, 135, 250, 20)]
+    stamps = {"vignette": vignette(), "dermnet-logo": _square((255, 255, 255, 255))}
+    report = stamp_effects(_DarknessModel(), photos, stamps, sources=["a", "dermnet-nz", "b", "c"])
+    assert report.baseline == pytest.approx([1 - v / 255 for v in (140, 135, 250, 20)])
+    assert [e.stamp for e in report.effects] == ["vignette", "dermnet-logo"]
+    dark, logo = report["vignette"], report["dermnet-logo"]
+    assert dark.n == 4 and logo.n == 3  # the DermNet photo already has the logo
+    assert dark.mean_change > 0 and logo.mean_change < 0  # darker corners push up, a white logo down
+    assert dark.flipped == pytest.approx(0.5)  # the two photos just under 0.5 cross it
+    assert 0 < dark.median_abs_change <= dark.p90_abs_change
+    with pytest.raises(KeyError, match="no stamp 'ruler'"):
+        report["ruler"]
+    dermnet = report.for_source("dermnet-nz")
+    assert dermnet["vignette"].n == 1 and dermnet["dermnet-logo"].n == 0
+    assert dermnet["dermnet-logo"].to_dict()["median_abs_change"] is None  # JSON has no NaN
+    assert dermnet.baseline == pytest.approx([1 - 135 / 255])
+
+
+def test_stamp_effects_pastes_inside_the_square_the_model_sees():
+    # a landscape photo: the model sees its centre square, so the corner mark goes in that square's corner
+    seen = []
+
+    class Recorder(_DarknessModel):
+        def predict(self, images, **kw):
+            seen.extend(images)
+            return super().predict(images, **kw)
+
+    report = stamp_effects(Recorder(), [_grey((120, 40), 100)], {"sfs-text": _square((255, 255, 255, 255))})
+    assert [img.size for img in seen] == [(32, 32), (32, 32)]
+    assert report["sfs-text"].mean_change < 0  # the white mark is in view
+
+
+def test_stamp_effects_refuses_what_it_cannot_check():
+    stamps = {"sfs-text": _square((255, 255, 255, 255))}
+    with pytest.raises(SkinscanError, match="no photos"):
+        stamp_effects(_DarknessModel(), [], stamps)
+    with pytest.raises(SkinscanError, match="one source per photo"):
+        stamp_effects(_DarknessModel(), [_grey()], stamps, sources=[])
+    with pytest.raises(SkinscanError, match="pasted on no photo"):
+        stamp_effects(_DarknessModel(), [_grey()], stamps, sources=["fitzpatrick17k"])
+    with pytest.raises(SkinscanError, match="no placement"):
+        stamp_effects(_DarknessModel(), [_grey()], {"sticker": _square((0, 0, 0, 255))})
+
+
+# --------------------------------------------------------------------------------------------- held_out
+def _rec(source: str, key: str, split: str | None = None, group: str | None = None) -> Record:
+    return Record(Path(key), 0, source, key, split=split, group=group or key, dataset=source)
+
+
+def _card(**data) -> SimpleNamespace:
+    return SimpleNamespace(model_extra={"training": {"data": data}})
+
+
+def test_held_out_keeps_test_splits_unseen_sources_and_validation_photos():
+    records = [
+        _rec("isic-mvb", "train/benign/1.jpg", "train", "dup:7"),
+        _rec("isic-mvb", "test/benign/1.jpg", "test", "dup:7"),  # a near-copy of a trained photo
+        _rec("isic-mvb", "test/benign/2.jpg", "test"),
+        _rec("pad-ufes-20-phone", "images/a.jpg", group="patient:1"),
+        _rec("pad-ufes-20-phone", "images/b.jpg", group="patient:2"),
+        _rec("dermnet-nz", "images/c.jpg"),
+    ]
+    card = _card(per_source={"isic-mvb": 1, "pad-ufes-20-phone": 2}, val_keys=["pad-ufes-20-phone/images/b.jpg"])
+    assert [r.key for r in held_out(records, card)] == ["test/benign/2.jpg", "images/b.jpg", "images/c.jpg"]
+    # a card that lists no sources: only test splits count as held out (unknown is not unseen)
+    assert [r.key for r in held_out(records, _card())] == ["test/benign/2.jpg"]
+
+
+def test_spread_picks_evenly():
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert spread([1, 2], 5) == [1, 2]
+
+
+# ------------------------------------------------------------------------- the default model (real data)
+@pytest.fixture(scope="module")
+def default_report(isic_mvb, pad_ufes, clinical_atlas, predictor, stamps):
+    """The default model on held-out benign photos: isic-mvb's test split (no bundled model trained on it),
+    and the phone set's and the atlases' benign photos that the card lists as validation (`val_keys`) or
+    whose source it never trained on."""
+    records = [r for path in (isic_mvb, pad_ufes, clinical_atlas) for r in load_dataset(path)]
+    benign = [r for r in held_out(records, predictor.card) if r.label == 0]
+    photos: list[Record] = []
+    for source in sorted({r.source for r in benign}):
+        mine = sorted((r for r in benign if r.source == source), key=lambda r: r.key)
+        photos += spread(mine, ISIC_MVB_PHOTOS if source == "isic-mvb" else PHOTOS_PER_SOURCE)
+    assert sum(r.source == "isic-mvb" for r in photos) == ISIC_MVB_PHOTOS
+    return stamp_effects(predictor, [r.path for r in photos], stamps, sources=[r.source for r in photos])
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("stamp", list(PLACEMENTS))
+def test_a_stamp_does_not_move_the_default_model_on_held_out_benign_photos(default_report, stamp):
+    e = default_report[stamp]
+    assert e.median_abs_change < MAX_MEDIAN_CHANGE, (
+        f"{stamp} moves the default model's probability by a median {e.median_abs_change:.4f} on {e.n} held-out "
+        f"benign photos (mean {e.mean_change:+.4f}, p90 {e.p90_abs_change:.4f}, decisions flipped {e.flipped:.1%}): "
+        "the model responds to the mark, not only to the lesion"
+    )
