@@ -42,7 +42,7 @@ def test_predict_folder_prints_table_and_writes_csv_and_json(tmp_path):
     assert out.returncode == 3, out.stderr  # some inputs could not be read
     assert "refer" in out.stdout or "monitor" in out.stdout
     title = " ".join(out.stdout.split())  # rich may wrap the title
-    assert "not a diagnosis" in title and "skinscan skinscan" not in title and "model skinscan-lite0-phone" in title
+    assert "not a diagnosis" in title and "skinscan skinscan" not in title and "model skinscan-lite0-sources" in title
     assert "photo type" in out.stdout
     assert "1 of 7 input(s) could not be read or scored" in out.stderr
     rows = list(csv.DictReader(csv_out.open()))
@@ -131,10 +131,10 @@ def test_predict_help_lists_every_bundled_model_and_its_use():
     from skinscan.card import bundled_models
 
     text = "".join(skinscan("predict", "--help").stdout.split())  # argparse wraps lines at hyphens too
-    assert len(bundled_models()) >= 3
+    assert len(bundled_models()) >= 2
     for name in bundled_models():
         assert f"{name}(" in text
-    assert "skinscan-lite0-phone-int8(thedefaultmodelquantisedtoint8" in text
+    assert "skinscan-lite0-sources-int8(thedefaultmodelquantisedtoint8" in text
 
 
 def test_predict_reports_clear_errors():
@@ -221,13 +221,14 @@ def test_evaluate_scores_a_patient_list_and_records_it_in_the_model_card(tmp_pat
     model.write_bytes(model_path.read_bytes())
     model.with_suffix(".card.json").write_bytes(model_path.with_suffix(".card.json").read_bytes())
     before = Predictor(model).card.metrics
-    box = REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"
+    box = tmp_path / "clinic.txt"  # one id per line, as a clinic would list its patients
+    box.write_text("\n".join(sorted({r.patient for r in load_dataset(pad_ufes)})[::10]) + "\n")
     patients = read_patient_list(box)
     photos = [r for r in load_dataset(pad_ufes) if r.patient in patients]
     args = ["evaluate", "--model", str(model), "--data", str(pad_ufes), "--bootstrap", "50", "-q"]
-    out = skinscan(*args, "--patients", str(box), "--out", str(tmp_path / "rep"), "--record", "locked_box")
+    out = skinscan(*args, "--patients", str(box), "--out", str(tmp_path / "rep"), "--record", "clinic")
     assert out.returncode == 0, out.stderr
-    assert "recorded in the model card" in out.stdout and "metrics.locked_box" in out.stdout
+    assert "recorded in the model card" in out.stdout and "metrics.clinic" in out.stdout
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert metrics["subsets"]["all"]["n"] == len(photos) > 0 and metrics["data"]["patients"] == len(patients)
     assert metrics["subsets"]["all"]["n_malignant"] == sum(r.label for r in photos)
@@ -235,15 +236,15 @@ def test_evaluate_scores_a_patient_list_and_records_it_in_the_model_card(tmp_pat
     scored = {row["key"] for row in csv.DictReader((tmp_path / "rep" / "predictions.csv").open())}
     assert scored == {r.key for r in photos}  # those patients' photos and no other
     card = Predictor(model).card  # the card inside the model file
-    entry = card.metrics["locked_box"]
+    entry = card.metrics["clinic"]
     assert entry["subsets"] == metrics["subsets"] and entry["patients"] == len(patients)
     assert entry["dataset"] == pad_ufes.name and entry["patients_from"] == str(box)
     assert entry["split"] is None  # no split folders: every photo of those patients
     skin = metrics["by_skin_type"]  # the phone set records skin types
     assert sum(e["n"] for e in skin.values()) == len(photos) and entry["by_skin_type"] == skin
-    others = {k: v for k, v in card.metrics.items() if k != "locked_box"}
-    assert others == {k: v for k, v in before.items() if k != "locked_box"} and "test" in others  # kept as is
-    assert json.loads(model.with_suffix(".card.json").read_text())["metrics"]["locked_box"] == entry
+    others = {k: v for k, v in card.metrics.items() if k != "clinic"}
+    assert others == {k: v for k, v in before.items() if k != "clinic"} and "test" in others  # kept as is
+    assert json.loads(model.with_suffix(".card.json").read_text())["metrics"]["clinic"] == entry
 
     no_ids = skinscan("evaluate", "--model", str(model), "--data", str(isic_mvb), "--patients", str(box), "--out",
                       str(tmp_path / "x"))  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from skinscan.card import ModelCard
-from skinscan.data import load_dataset, read_patient_list
+from skinscan.data import load_dataset
 from skinscan.errors import ModelLoadError
 from skinscan.predict import Predictor
 from skinscan.preprocess import PreprocessSpec, decode_image, load_pixels, normalise
@@ -38,12 +38,11 @@ from skinscan.quality import (
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-PHONE_EXAMPLE = EXAMPLES / "phone-benign-nevus.jpg"  # a locked-box patient: in no model's training set
+PHONE_EXAMPLE = EXAMPLES / "phone-benign-nevus.jpg"
 # The photo that passes in the integration tests: any skinscan model is trained on the archive (a model
 # trained without phone photos may rightly find a phone photo unusual; the data tests check phone photos).
 GOOD = EXAMPLES / "isic-benign-1.jpg"
 NONLESION = REPO / "tests" / "assets" / "nonlesion"
-LOCKBOX = REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"
 # Until the bundled model exists: stand-ins exported from the smoke run (`skinscan export /tmp/smoke ...`).
 SPEC = PreprocessSpec()
 FITTED = QualityGate(GateThresholds(min_colour=FITTED_MIN_COLOUR))  # the pixel checks of a fitted gate
@@ -80,9 +79,12 @@ def pixel_report(data: bytes, gate: QualityGate | None = None):
     return (gate or QualityGate()).check(resize_for_model(img, SPEC)[None], [min(img.size)])[0]
 
 
-def _phone_records(pad_ufes: Path, *, lockbox: bool) -> list:
-    box = read_patient_list(LOCKBOX)
-    return [r for r in load_dataset(pad_ufes) if (r.patient in box) == lockbox]
+def _phone_records(pad_ufes: Path, predictor: Predictor, *, held_out: bool) -> list:
+    """The phone photos the model never trained on (its card's validation keys), or the others."""
+    keys = predictor.card.validation_keys
+    if held_out and not keys:
+        pytest.fail(f"{predictor.model_path}'s card lists no validation photos: re-export it with this skinscan")
+    return [r for r in load_dataset(pad_ufes) if (r.uid in keys) == held_out]
 
 
 def training_sources(predictor: Predictor) -> set[str]:
@@ -103,7 +105,7 @@ def gated(model_path: Path, isic_mvb: Path, pad_ufes: Path) -> Predictor:
         pytest.skip(f"{model_path} has no embedding output: re-export it")
     sources = training_sources(predictor)
     train = load_dataset(isic_mvb, split="train")[::6] if "isic-mvb" in sources else []
-    train += _phone_records(pad_ufes, lockbox=False)[::3] if "pad-ufes-20-phone" in sources else []
+    train += _phone_records(pad_ufes, predictor, held_out=False)[::3] if "pad-ufes-20-phone" in sources else []
     tune = sorted((NONLESION / "tune").glob("*.jpg"))
 
     def embed(paths: list[Path]) -> np.ndarray:
@@ -363,7 +365,9 @@ def test_service_retake_is_a_200_and_force_adds_the_probability(predictor: Predi
 def test_real_photos_pass(gated: Predictor, isic_mvb: Path, pad_ufes: Path) -> None:
     sets = [([r.path for r in load_dataset(isic_mvb, split="test")[::22]], 0.05)]  # 30 images
     if "pad-ufes-20-phone" in training_sources(gated):  # to a model never shown phone photos, they are unusual
-        sets.append(([r.path for r in _phone_records(pad_ufes, lockbox=True)[::4]], 0.10))  # 30 unseen patients
+        unseen = _phone_records(pad_ufes, gated, held_out=True)
+        assert len(unseen) >= 30
+        sets.append(([r.path for r in unseen], 0.10))
         assert gated(jpeg(photo(side=300))).quality == "ok"  # a 300 px phone photo is a valid photo
     for paths, limit in sets:
         preds = gated.predict(paths, batch_size=32)

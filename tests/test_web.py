@@ -425,7 +425,7 @@ def _mock_predict(page, responses: list[tuple[int, dict]], seen: list) -> None:
     page.route("**/v1/predict*", handle)
 
 
-MODEL = {"name": "skinscan-lite0-isic", "version": "test", "sha256": "0" * 64}
+MODEL = {"name": "skinscan-lite0-sources", "version": "test", "sha256": "0" * 64}
 
 
 def test_retake_advice_and_check_anyway(phone: Page) -> None:

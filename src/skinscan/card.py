@@ -17,7 +17,10 @@ from .preprocess import PreprocessSpec
 
 CARD_KEY = "skinscan.card"
 CARD_FORMAT = 1
-BUNDLED_MODEL = "skinscan-lite0-phone.onnx"
+BUNDLED_MODEL = "skinscan-lite0-sources.onnx"  # the default model (server, CLI, Python API)
+# The page's private mode runs the int8 build of the default: a quarter of its bytes, so that a first visit
+# stays small on the wire (docs/private-mode.md gives both builds' figures).
+BROWSER_MODEL = "skinscan-lite0-sources-int8"
 
 INTENDED_USE = (
     "skinscan is a screening aid that estimates how likely a photographed skin lesion is to be malignant, "
@@ -26,10 +29,12 @@ INTENDED_USE = (
     "the result. Not validated for use by itself in clinical decisions."
 )
 KNOWN_LIMITS = (
-    "Trained on two collections: ISIC dermoscopy (benign = nevi only) and PAD-UFES-20 phone photos from one "
-    "Brazilian programme (mostly skin types II-III; few melanomas). Expect lower accuracy on other cameras, other "
-    "dermoscopes, darker skin types and lesion types it has rarely seen.",
-    "The probability is calibrated on the validation data of those collections; the prevalence of cancer among "
+    "Trained on seven sources (training.data.per_source): ISIC dermoscopy (HAM10000 and other archive "
+    "collections), PAD-UFES-20 phone photos from one Brazilian programme (mostly skin types II-III), and clinical "
+    "photos of three atlases (Fitzpatrick17k, DermNet NZ, SD-198), few of them of skin types V-VI. Expect lower "
+    "accuracy on cameras, dermoscopes and lesion types it has rarely seen, and on darker skin: see the "
+    "leave-one-source-out figures in docs/sources.md.",
+    "The probability is calibrated on the validation data of those sources; the prevalence of cancer among "
     "people using a screening app is far lower, so positive predictive value will be lower too.",
     "It judges one lesion per photo and expects the lesion near the centre of the frame (the centre square is "
     "what the model sees); a lesion small in a wide frame is judged worse.",
@@ -66,6 +71,13 @@ class ModelCard(BaseModel):
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.preprocessing)
 
+    @cached_property
+    def validation_keys(self) -> frozenset[str]:
+        """`Record.uid` of the photos the networks never trained on (the run's validation split; they chose
+        the epoch and the calibration); empty where the card does not say."""
+        training = getattr(self, "training", None) or {}
+        return frozenset((training.get("data") or {}).get("val_keys", []))
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2, sort_keys=False)
 
@@ -76,15 +88,15 @@ def default_model_path() -> Path:
 
 
 def bundled_models() -> list[str]:
-    """Names of the models inside the package (`Predictor("skinscan-lite0-isic")` loads one by name)."""
+    """Names of the models inside the package (`Predictor("skinscan-lite0-sources-int8")` loads one by name)."""
     return sorted(p.name[: -len(".onnx")] for p in default_model_path().parent.glob("*.onnx"))
 
 
 # What each bundled model is for, in a few words (`skinscan predict --help` lists them).
 BUNDLED_USES = {
-    "skinscan-lite0-phone": "the default: phone photos and dermoscopy, with the quality gate and the answers",
-    "skinscan-lite0-phone-int8": "the default model quantised to int8: faster on CPUs, scored less; see its card",
-    "skinscan-lite0-isic": "trained on dermoscopic archive images only; for dermoscopy archives",
+    "skinscan-lite0-sources": "the default: phone, clinical and dermoscopic photos, with the quality gate and the "
+    "answers",
+    "skinscan-lite0-sources-int8": "the default model quantised to int8: what the page runs on the device; see its card",
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from . import __version__
+from .card import BROWSER_MODEL
 from .errors import SkinscanError
 
 if TYPE_CHECKING:
@@ -463,6 +464,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {path} and {path.with_suffix('.card.json')}")
     if split:  # before --test: the test metrics use the per-type calibration
         _add_photo_types(path, *split, cv=cv, dermoscopic_min_probability=q)
+    if split and json.loads(path.with_suffix(".card.json").read_text()).get("diagnosis"):
+        from .export import add_diagnosis_figures
+
+        figures = add_diagnosis_figures(path, split[1], progress=True)
+        shown = ", ".join(f"{s} {f['diagnosis_balanced_accuracy']:.2f}" for s, f in figures.items())
+        print(f"diagnosis balanced accuracy on validation stored in the model card: {shown}")
     if args.test:
         report_dir = Path("reports") / f"{args.name}-test"
         record_test_metrics(path, _resolve(args, args.test), report_dir)
@@ -501,7 +508,7 @@ def _photo_type_split(run: Path) -> tuple[list, list]:
 
 def _cv_thresholds(run: Path, cv_run: Path) -> dict:
     """`--thresholds-from`: the thresholds per photo type from a K-fold run's out-of-fold predictions, which
-    must score exactly the model's training photos (so none of the locked box) at the run's target."""
+    must score exactly the model's training photos at the run's target."""
     from .config import load_config
     from .phototype import cv_thresholds
 
@@ -597,7 +604,7 @@ def _add_gate(path: Path, run: Path, nonlesion: Path) -> None:
 # ---------------------------------------------------------------- fit-answers
 def cmd_fit_answers(args: argparse.Namespace) -> int:
     from .answers import Answers, fit_answer_adjustments, read_oof_logits, section_rows, store_section
-    from .data import load_dataset, read_patient_list
+    from .data import load_dataset
 
     data = _resolve(args, args.data)
     records = {r.uid: r for r in load_dataset(data)}
@@ -608,17 +615,7 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
             f"{len(unknown)} out-of-fold photo(s) are not in {data} (e.g. {unknown[0]}): pass the dataset the "
             "logits were computed on with --data"
         )
-    lockbox = Path(args.lockbox)
-    if not lockbox.is_file():
-        raise SkinscanError(f"--lockbox {lockbox}: no such file; run from the repository root or pass the list")
-    locked = read_patient_list(lockbox)
     keys = sorted(oof)
-    in_box = [k for k in keys if records[k].patient in locked]
-    if in_box:
-        raise SkinscanError(
-            f"{len(in_box)} out-of-fold photo(s) belong to patients of the locked box {lockbox} (e.g. {in_box[0]}): "
-            "the adjustments are never fitted on the locked box"
-        )
     wrong = [k for k in keys if oof[k][0] != records[k].label]
     if wrong:
         raise SkinscanError(f"{len(wrong)} label(s) in {args.oof} disagree with {data} (e.g. {wrong[0]})")
@@ -632,7 +629,6 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
             "image_logits": f"{Path(args.oof).as_posix()}, recipe {recipe!r}: out-of-fold, patient-grouped",
             "data": Path(data).name,
             "photos": len(keys),
-            "excluded_patients": lockbox.as_posix(),
         },
     )
     side = store_section(Path(args.model), section)
@@ -884,12 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patients",
         metavar="FILE",
-        help="score only these patients' photos (one id per line; e.g. splits/pad-ufes-20-phone-lockbox.txt)",
+        help="score only these patients' photos (one id per line; e.g. a clinic's patients)",
     )
     p.add_argument(
         "--record",
         metavar="KEY",
-        help="also store the metrics in the model's card as metrics.KEY (e.g. locked_box), where they travel "
+        help="also store the metrics in the model's card as metrics.KEY (e.g. clinic_a), where they travel "
         "with the model; rewrites the model file (needs the onnx package)",
     )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
@@ -939,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one ensemble model whose logit is their mean",
     )
     p.add_argument("--out", required=True, help="folder for <name>.onnx and <name>.card.json")
-    p.add_argument("--name", default="skinscan-lite0-isic", help="model name (default skinscan-lite0-isic)")
+    p.add_argument("--name", default="skinscan-lite0", help="model name (default skinscan-lite0)")
     p.add_argument("--version", dest="version", help="model version (default: today's date)")
     p.add_argument("--test", help="also score this dataset's test split and record its metrics in the card")
     p.add_argument(
@@ -984,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common_data],
         help="fit the answers' adjustments and store them in a model's card",
         description="Fit each answer's log-odds adjustment (skinscan.answers) on out-of-fold image logits of "
-        "the phone photos outside the locked box, and write them into the model's card (the ONNX file and "
+        "the phone photos, and write them into the model's card (the ONNX file and "
         "<name>.card.json). Needs the `onnx` package (skinscan[train]).",
     )
     p.add_argument("--model", required=True, help="ONNX model whose card receives the adjustments (rewritten)")
@@ -992,11 +988,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="the recipe whose logits to use: the start of its name, e.g. C")
     p.add_argument(
         "--data", default="pad-ufes-20-phone", help="the dataset the logits score (default pad-ufes-20-phone)"
-    )
-    p.add_argument(
-        "--lockbox",
-        default="splits/pad-ufes-20-phone-lockbox.txt",
-        help="patients that must not be among the fitted photos (default splits/pad-ufes-20-phone-lockbox.txt)",
     )
     p.add_argument("--l2", type=float, default=1.0, help="ridge penalty on each answer's contrast (default 1)")
     p.set_defaults(func=cmd_fit_answers)
@@ -1063,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout-s", type=float, help="limit for one request in seconds (default 30)")
     p.add_argument(
         "--browser-model",
-        help="model the web page runs on the device in private mode (default skinscan-lite0-phone-int8; "
+        help=f"model the web page runs on the device in private mode (default {BROWSER_MODEL}; "
         "'none': no private mode)",
     )
     g = p.add_argument_group(
@@ -1103,7 +1094,7 @@ def _add_site_parser(sub) -> None:
         "any static file server (HTTPS, or localhost); every check runs on the device. See docs/private-mode.md.",
     )
     p.add_argument("out", help="folder to write (created)")
-    p.add_argument("--model", help="the model the page runs (default skinscan-lite0-phone-int8)")
+    p.add_argument("--model", help=f"the model the page runs (default {BROWSER_MODEL})")
     p.set_defaults(func=cmd_site)
 
 

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .card import ADVICE, resolve_model
+from .card import ADVICE, BROWSER_MODEL, resolve_model
 from .graphs import MEASURES, PROBLEM_ORDER
 from .predict import Predictor
 from .quality import REASONS
 
-# The page runs the int8 build of the default model: 8.3 MB against 27.7 MB, so that a first visit stays
-# under 15 MB on the wire (docs/private-mode.md gives both models' figures).
-BROWSER_MODEL = "skinscan-lite0-phone-int8"
 RUNTIME = "web/vendor/onnxruntime-web"
 
 

@@ -82,6 +82,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .answers import ANSWER_FIELDS, QUESTIONS, Answers
+from .card import BROWSER_MODEL
 from .errors import InvalidAnswers, InvalidImage
 from .explain import DEFAULT_MAX_SIDE, HEATMAP_LEGEND, explain, png_bytes
 from .lesion import MAX_PHOTOS as MAX_LESION_PHOTOS
@@ -121,7 +122,7 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="limit for one request, body included")
     browser_model: str = Field(
-        "skinscan-lite0-phone-int8",
+        BROWSER_MODEL,
         description="model the web page runs on the device (private mode): a path or a bundled model's name; "
         "'none' serves no private mode",
     )

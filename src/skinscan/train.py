@@ -67,7 +67,7 @@ def seed_everything(seed: int) -> None:
 
 def load_training_records(cfg: TrainConfig) -> tuple[list[Record], dict]:
     """Every training record of `cfg.data` (each dataset's `train` split if it has one), de-duplicated,
-    without the excluded patients (the locked box)."""
+    without the excluded patients."""
     if not cfg.data:
         raise ConfigError("no training data: pass --data DATASET (e.g. ../shared/datasets/isic-mvb)")
     records: list[Record] = []
