@@ -126,10 +126,10 @@ def score(section: dict, offset: np.ndarray, answers: Sequence[Answers]) -> np.n
 
 
 # ---------------------------------------------------------------- data
-def phone_records(data: Path, oof_path: Path, recipe: str, lockbox: Path) -> tuple[dict, str, list, set]:
+def phone_records(data: Path, oof_path: Path, recipe: str, lockbox: Path | None) -> tuple[dict, str, list, set]:
     records = {r.uid: r for r in load_dataset(data)}
     name, oof = read_oof_logits(oof_path, recipe)
-    locked = read_patient_list(lockbox)
+    locked = read_patient_list(lockbox) if lockbox else set()
     if any(records[k].patient in locked for k in oof):
         raise SystemExit("the out-of-fold logits include locked-box patients: refusing to fit on them")
     return oof, name, list(records.values()), locked
@@ -337,7 +337,11 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "pad-ufes-20-phone"))
     parser.add_argument("--oof", default=str(REPO / "benchmarks" / "results" / "ablation-phone.json"))
     parser.add_argument("--recipe", default="C", help="the ablation recipe whose logits to use (default C)")
-    parser.add_argument("--lockbox-list", default=str(REPO / "splits" / "pad-ufes-20-phone-lockbox.txt"))
+    parser.add_argument(
+        "--lockbox-list",
+        help="the retired locked box's patients (git show 7cc9730:splits/pad-ufes-20-phone-lockbox.txt), to "
+        "reproduce the phone-first model's figures",
+    )
     parser.add_argument(
         "--lockbox",
         action="store_true",
@@ -352,7 +356,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="path stem: writes STEM.json and STEM.md")
     args = parser.parse_args()
 
-    data, lockbox = Path(args.data), Path(args.lockbox_list)
+    if args.lockbox and not args.lockbox_list:
+        parser.error("--lockbox needs --lockbox-list (the box is retired: see --help)")
+    data, lockbox = Path(args.data), Path(args.lockbox_list) if args.lockbox_list else None
     oof, recipe, data_records, locked = phone_records(data, Path(args.oof), args.recipe, lockbox)
     records = {r.uid: r for r in data_records}
     keys = sorted(oof)

@@ -1,6 +1,6 @@
 """Private mode's size and speed in headless Chromium on this machine, beside the server in the same run.
 
-    python benchmarks/bench_browser.py [--browser-model skinscan-lite0-phone-int8] [--photos 10]
+    python benchmarks/bench_browser.py [--browser-model skinscan-lite0-sources-int8] [--photos 10]
 
 Starts `skinscan serve` (the server's model: the same file as the page's), opens the page in a fresh
 browser profile and measures: bytes on the wire for the first visit (compressed bodies, every request
@@ -27,10 +27,10 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from serve_process import start_serve, stop_serve
-    from skinscan.card import resolve_model
+    from skinscan.card import BROWSER_MODEL, resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--browser-model", default="skinscan-lite0-phone-int8")
+    ap.add_argument("--browser-model", default=BROWSER_MODEL)
     ap.add_argument("--photos", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/browser.json")
     args = ap.parse_args()

@@ -3,11 +3,18 @@ and specificity at the model's own decisions (its threshold per detected photo t
 sensitivity, specificity without actinic keratoses, diagnosis balanced accuracy (where the model has the
 head), and the quality gate's refusals per source and per skin-type group (I-II, III-IV, V-VI).
 
-Honest only on sources the model never trained on: the report marks each source the card lists among its
-training data as `seen` (its figures are then not evidence of anything).
+Honest only on photos the model never trained on. Of a source the card lists among its training data,
+only the photos of its validation split are scored (the card's `training.data.val_keys`: never trained on,
+but they chose the epoch and the threshold) and the unit says `validation`; isic-mvb is scored on its test
+split. A card that lists no validation photos marks such a source `seen in training` instead (its figures
+are then not evidence of anything).
 
     python benchmarks/bench_sources.py --out benchmarks/results/sources-default
-    python benchmarks/bench_sources.py --model skinscan-lite0-phone-int8 --out benchmarks/results/sources-int8
+    python benchmarks/bench_sources.py --model skinscan-lite0-sources-int8 --out benchmarks/results/sources-int8
+
+`--record` stores the figures in the model's card (`metrics.sources`: per source, gate refusals and skin-type
+groups included), and `--loso REPORT/loso.json` adds a `skinscan loso` report's held-out units beside them
+(`metrics.leave_one_source_out`): the model card then carries the per-skin-type AUCs with their intervals.
 """
 
 from __future__ import annotations
@@ -35,15 +42,19 @@ def main() -> None:
     ap.add_argument("--data-root", default=os.environ.get("SKINSCAN_DATA", "../shared/datasets"))
     ap.add_argument("--out", required=True, help="folder for sources.json and sources.md")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--record", action="store_true", help="store the figures in the model's card (rewrites it)")
+    ap.add_argument("--loso", help="with --record: a `skinscan loso` loso.json whose held-out units go in too")
     args = ap.parse_args()
 
     predictor = Predictor(args.model)
     seen = set((predictor.card.model_extra or {}).get("training", {}).get("data", {}).get("per_source", {}))
     root = Path(args.data_root)
+    held_out = predictor.card.validation_keys
     records = []
     for d in DATASETS:
         # isic-mvb: its test split (its train split is what the bundled models learned from)
-        records += load_dataset(root / d, split="test" if d == "isic-mvb" else None)
+        recs = load_dataset(root / d, split="test" if d == "isic-mvb" else None)
+        records += [r for r in recs if d == "isic-mvb" or r.source not in seen or not held_out or r.uid in held_out]
     probs, preds = score(predictor, records)
     result: dict = {"model": predictor.info(), "held_out": {}, "gate": {}}
     for source in sorted({r.source for r in records}):
@@ -57,7 +68,12 @@ def main() -> None:
                 for i in ix
             ]
         )
-        name = f"{source} (seen in training)" if source in seen else source
+        if source == "isic-mvb":
+            name = "isic-mvb test split"
+        elif source in seen:
+            name = f"{source} (validation photos)" if held_out else f"{source} (seen in training)"
+        else:
+            name = source
         result["held_out"][name] = unit_figures(recs, p, t, diag, args.bootstrap)
         result["held_out"][name]["photo_types"] = dict(Counter(preds[i].photo_type for i in ix))
         refused = [NOT_A_LESION in (preds[i].quality_report.problems if preds[i].quality_report else ()) for i in ix]
@@ -89,6 +105,33 @@ def main() -> None:
     )
     (out / "sources.md").write_text(text)
     print(text)
+    if args.record:
+        _record(predictor, result, args)
+
+
+def _record(predictor: Predictor, result: dict, args: argparse.Namespace) -> None:
+    from skinscan.card import write_card
+
+    card = predictor.card.model_dump()
+    command = f"python benchmarks/bench_sources.py --out {args.out} --record" + (
+        f" --loso {args.loso}" if args.loso else ""
+    )
+    card["metrics"]["sources"] = {"command": command, "held_out": result["held_out"], "gate": result["gate"]}
+    if args.loso:
+        loso = json.loads(Path(args.loso).read_text())
+        keep = ("n", "n_malignant", "auc", "auc_ci", "sensitivity", "specificity", "melanoma_sensitivity",
+                "specificity_without_ak", "diagnosis_balanced_accuracy", "by_skin_type_group")  # fmt: skip
+        card["metrics"]["leave_one_source_out"] = {
+            "report": args.loso,
+            "recipe": loso.get("recipe"),
+            "held_out": {u: {k: f[k] for k in keep if k in f} for u, f in loso["held_out"].items()},
+        }
+    path = predictor.model_path
+    del predictor  # release the file before rewriting it
+    write_card(path, card)
+    print(
+        f"recorded in the model card of {path} (metrics.sources{', metrics.leave_one_source_out' if args.loso else ''})"
+    )
 
 
 if __name__ == "__main__":

@@ -232,8 +232,28 @@ def default_report(isic_mvb, pad_ufes, clinical_atlas, predictor, stamps):
     return stamp_effects(predictor, [r.path for r in photos], stamps, sources=[r.source for r in photos])
 
 
+# Measured on the default model 2026.12.03-sources (benchmarks/results/shortcuts-default, 477-577 held-out
+# benign photos): the stamps below move it by more than the bar. Known failures, left visible: the fix is
+# training with the marks pasted on (counterfactual augmentation), not a looser bar. strict: a model that
+# passes turns these red until the marks are taken off this list.
+KNOWN_SHORTCUTS = {
+    "dermnet-logo": "median |change| 0.044 on 477 photos (the previous default: 0.025)",
+    "ruler": "median |change| 0.038 on 577 photos, 26% of HAM10000 decisions flipped",
+    "ink-circle": "median |change| 0.073 on 577 photos, raises the probability (mean +0.045)",
+    "vignette": "median |change| 0.158 on 577 photos, raises it (mean +0.18): a dermatoscope's field reads as cancer",
+}
+
+
 @pytest.mark.data
-@pytest.mark.parametrize("stamp", list(PLACEMENTS))
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SHORTCUTS[name]))
+        if name in KNOWN_SHORTCUTS
+        else name
+        for name in PLACEMENTS
+    ],
+)
 def test_a_stamp_does_not_move_the_default_model_on_held_out_benign_photos(default_report, stamp):
     e = default_report[stamp]
     assert e.median_abs_change < MAX_MEDIAN_CHANGE, (
