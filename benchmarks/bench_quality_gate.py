@@ -1,11 +1,11 @@
 """The quality gate, measured: what it refuses among real lesion photos, what it catches, what it costs.
 
 - Rejection (verdict "retake", any reason) on the isic-mvb test split (660), on all 586 phone photos, and
-  on the phone photos of the locked-box patients (splits/pad-ufes-20-phone-lockbox.txt) alone: the other
+  on the phone photos the model never trained on (its card's validation photos) alone: the other
   phone photos are in the shipped model's training set, and so in the gate's fit.
 - Flag rate on the held-out half of the non-lesion set (tests/assets/nonlesion/holdout), overall, by the
   out-of-distribution check alone, and per category.
-- Synthetic degradations of real photos (every 3rd isic test image and the locked-box phone photos):
+- Synthetic degradations of real photos (every 3rd isic test image and the held-out phone photos):
   Gaussian blur (sigma 1.5, 2 and 3 px at the model's 224 px scale), dark (brightness x0.25), overexposed
   (x2.5), and too small (shorter side 100 px): the share flagged, and flagged for the right reason.
 - Latency, alternated in the same run: `Predictor.predict` with the gate, with a no-op gate, and the bare
@@ -13,7 +13,7 @@
 
 A model whose card has no `quality_gate` runs the pixel checks only; `--fit-gate` then fits the
 out-of-distribution check in memory, as `skinscan export --gate` would (the archive's training split,
-the phone photos outside the locked box, and the non-lesion tune half), without touching the model file.
+the phone photos it trained on, and the non-lesion tune half), without touching the model file.
 
     python benchmarks/bench_quality_gate.py --out reports/quality_gate.json
     python benchmarks/bench_quality_gate.py --model /tmp/m/skinscan-lite0-isic.onnx --fit-gate --out /tmp/qg.json
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from skinscan.data import IMAGE_SUFFIXES, load_dataset, read_patient_list
+from skinscan.data import IMAGE_SUFFIXES, load_dataset
 from skinscan.predict import Prediction, Predictor
 from skinscan.preprocess import load_pixels, normalise
 from skinscan.quality import (
@@ -114,15 +114,15 @@ def _nonlesion_categories(folder: Path) -> dict[str, str]:
     return out
 
 
-def _fit_gate_in_memory(predictor: Predictor, data_root: Path, nonlesion: Path, lockbox: set[str]) -> dict:
+def _fit_gate_in_memory(predictor: Predictor, data_root: Path, nonlesion: Path, held_out: frozenset[str]) -> dict:
     """What `skinscan export --gate` stores, fitted here without rewriting the model file: on the datasets
-    the card says the model was trained on (both, if it does not say), the locked box left out."""
+    the card says the model was trained on (both, if it does not say), its held-out photos left out."""
     config = ((predictor.card.model_extra or {}).get("training") or {}).get("config") or {}
     sources = {Path(d).parent.name if Path(d).suffix == ".csv" else Path(d).name for d in config.get("data") or []}
     sources = sources or {"isic-mvb", "pad-ufes-20-phone"}
     records = load_dataset(data_root / "isic-mvb", split="train") if "isic-mvb" in sources else []
     if "pad-ufes-20-phone" in sources:
-        records += [r for r in load_dataset(data_root / "pad-ufes-20-phone") if r.patient not in lockbox]
+        records += [r for r in load_dataset(data_root / "pad-ufes-20-phone") if r.uid not in held_out]
     tune = sorted(p for p in (nonlesion / "tune").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
     def embed(paths: Sequence[Path]) -> np.ndarray:
@@ -209,7 +209,6 @@ def main() -> None:
     parser.add_argument("--model", help="ONNX model (default: the bundled model)")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("--nonlesion", type=Path, default=REPO / "tests" / "assets" / "nonlesion")
-    parser.add_argument("--lockbox", type=Path, default=REPO / "splits" / "pad-ufes-20-phone-lockbox.txt")
     parser.add_argument("--fit-gate", action="store_true", help="fit the OOD check in memory if the card has none")
     parser.add_argument("--latency-images", type=int, default=64, help="images for the latency comparison")
     parser.add_argument("--repeats", type=int, default=3, help="latency repeats (median)")
@@ -218,7 +217,7 @@ def main() -> None:
     args = parser.parse_args()
 
     predictor = Predictor(args.model, threads=args.threads)
-    lockbox = read_patient_list(args.lockbox)
+    held_out = predictor.card.validation_keys  # photos the network never trained on
     result: dict = {
         "model": {**predictor.info(), "path": str(predictor.model_path)},
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
@@ -226,7 +225,7 @@ def main() -> None:
     }
     if predictor.gate.ood is None and args.fit_gate:
         t = time.perf_counter()
-        result["gate_fitted_in_memory"] = _fit_gate_in_memory(predictor, args.data_root, args.nonlesion, lockbox)
+        result["gate_fitted_in_memory"] = _fit_gate_in_memory(predictor, args.data_root, args.nonlesion, held_out)
         result["gate_fit_seconds"] = round(time.perf_counter() - t, 1)
     result["gate"] = {
         "thresholds": predictor.gate.thresholds.to_dict(),
@@ -246,15 +245,15 @@ def main() -> None:
     # real photos
     isic_test = load_dataset(args.data_root / "isic-mvb", split="test")
     phone = load_dataset(args.data_root / "pad-ufes-20-phone")
-    box = [r for r in phone if r.patient in lockbox]
+    box = [r for r in phone if r.uid in held_out]
     p_isic = predict([r.path for r in isic_test])
     p_phone = predict([r.path for r in phone])
     in_box = {str(r.path) for r in box}
     result["real"] = {
         "isic_test": _rates(p_isic),
         "phone_all": _rates(p_phone),
-        "phone_lockbox": _rates([p for p in p_phone if p.path in in_box]),
-        "phone_not_lockbox (in training)": _rates([p for p in p_phone if p.path not in in_box]),
+        "phone_held_out": _rates([p for p in p_phone if p.path in in_box]),
+        "phone_in_training": _rates([p for p in p_phone if p.path not in in_box]),
     }
     small_phone = [p for p, r in zip(p_phone, phone, strict=True) if min(Image.open(r.path).size) <= 300]
     result["real"]["phone_shorter_side_<=300px"] = _rates(small_phone)
@@ -327,7 +326,7 @@ def _markdown(r: dict) -> str:
         "|---|---|---|---|---|",
         f"| isic-mvb test | {real['isic_test']['n']} | {real['isic_test']['retake']:.1%} | {problems(real['isic_test'])} | {bar(real['isic_test']['retake'], 'isic_test')} |",
         f"| phone, all | {real['phone_all']['n']} | {real['phone_all']['retake']:.1%} | {problems(real['phone_all'])} | {bar(real['phone_all']['retake'], 'phone_all')} |",
-        f"| phone, locked box | {real['phone_lockbox']['n']} | {real['phone_lockbox']['retake']:.1%} | {problems(real['phone_lockbox'])} | |",
+        f"| phone, held out (validation) | {real['phone_held_out']['n']} | {real['phone_held_out']['retake']:.1%} | {problems(real['phone_held_out'])} | |",
         f"| phone, shorter side <= 300 px | {real['phone_shorter_side_<=300px']['n']} | {real['phone_shorter_side_<=300px']['retake']:.1%} | {problems(real['phone_shorter_side_<=300px'])} | |",
         f"| non-lesion, tune half | {nl['tune']['n']} | {nl['tune']['retake']:.1%} | {problems(nl['tune'])} | (fitted on) |",
         f"| non-lesion, holdout half | {nl['holdout']['n']} | {nl['holdout']['retake']:.1%} | {problems(nl['holdout'])} | {bar(nl['holdout']['retake'], 'nonlesion_holdout', above=True)} |",
@@ -335,7 +334,7 @@ def _markdown(r: dict) -> str:
         f"Non-lesion holdout by category (flagged/total): {', '.join(f'{k} {v}' for k, v in nl['holdout']['by_category'].items())}; "
         f"missed: {', '.join(nl['holdout']['missed']) or 'none'}",
         "",
-        "| degradation (every 3rd isic test image + locked-box phone photos) | images | flagged | for the right reason |",
+        "| degradation (every 3rd isic test image + held-out phone photos) | images | flagged | for the right reason |",
         "|---|---|---|---|",
         *[
             f"| {k} | {v['n']} | {v['flagged']:.1%} | {v['flagged_for_the_right_reason']:.1%} |"
