@@ -20,6 +20,7 @@ from skinscan.metrics import (
     roc_auc,
     sigmoid,
     threshold_for_sensitivity,
+    wilson_interval,
 )
 
 
@@ -280,3 +281,18 @@ def test_figures_per_recorded_skin_type():
         by_skin_type(records[:5], p[:5], t[:5]) != {}
         and by_skin_type([Record(Path("a.jpg"), 1, "isic", "a.jpg")], p[:1], t[:1]) == {}
     )  # nothing recorded: no table
+
+
+def test_wilson_interval_known_values_and_edges() -> None:
+    from scipy.stats import binomtest
+
+    for k, n in ((81, 100), (3, 40), (1, 7)):  # scipy's own Wilson interval
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4) and wilson_interval(0, 20)[0] == 0.0
+    assert wilson_interval(20, 20)[1] == 1.0
+    lo, hi = wilson_interval(3, 40, level=0.5)
+    assert lo < 3 / 40 < hi and (hi - lo) < np.subtract(*wilson_interval(3, 40)[::-1])  # narrower at 50%
+    assert np.isnan(wilson_interval(0, 0)).all()
+    with pytest.raises(ValueError, match="k <= n"):
+        wilson_interval(5, 4)

@@ -140,6 +140,22 @@ def bootstrap_auc_ci(
     return float(lo), float(hi)
 
 
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a share of `k` in `n` (e.g. the photos a gate refuses): unlike the normal
+    approximation it stays inside [0, 1] and is not empty at k = 0, which is where a refusal rate lives."""
+    from statistics import NormalDist
+
+    if not 0 <= k <= n:
+        raise ValueError(f"a share needs 0 <= k <= n (got k={k}, n={n})")
+    if n == 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, z2 = k / n, z * z / n
+    centre = (p + z2 / 2) / (1 + z2)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n)) / (1 + z2)
+    return (0.0 if k == 0 else float(centre - half)), (1.0 if k == n else float(centre + half))
+
+
 def binary_metrics(
     y: Sequence[int],
     p: Sequence[float],
