@@ -20,6 +20,7 @@ from skinscan.metrics import (
     roc_auc,
     sigmoid,
     threshold_for_sensitivity,
+    wilson_interval,
 )
 
 
@@ -308,3 +309,15 @@ def test_skin_type_groups_of_leave_one_source_out_share_the_figures():
     assert got["I-II"]["auc"] == pytest.approx(roc_auc(y, p[:40]))
     keys = ["I-II"] * 40 + ["III-IV"] * 30 + [None] * 14
     assert by_group(records, p, t, keys, ("III-IV",), n_boot=50) == {"III-IV": got["III-IV"]}
+
+
+def test_wilson_interval_known_values_and_edges() -> None:
+    # 81 of 100: Wilson's 95% interval by hand, p +- z sqrt(p q / n + z^2 / 4n^2) around (p + z^2/2n) / (1 + z^2/n)
+    assert wilson_interval(81, 100) == pytest.approx((0.7222, 0.8749), abs=1e-4)
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4) and wilson_interval(0, 20)[0] == 0.0
+    assert wilson_interval(20, 20)[1] == 1.0
+    lo, hi = wilson_interval(3, 40, level=0.5)
+    assert lo < 3 / 40 < hi and (hi - lo) < np.subtract(*wilson_interval(3, 40)[::-1])  # narrower at 50%
+    assert np.isnan(wilson_interval(0, 0)).all()
+    with pytest.raises(ValueError, match="k <= n"):
+        wilson_interval(5, 4)

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from .data import DIAGNOSES, Record, grouped_kfold, prior_shift, sampling_weight
 from .errors import SkinscanError
 from .phototype import SOURCE_PHOTO_TYPE
 from .preprocess import PreprocessSpec, load_pixels
+from .quality import CARD_SECTION, NOT_A_LESION, QualityGate, fit_quality_gate
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,168 @@ def score_run(run: Path, records: Sequence[Record], progress: bool = True) -> Sc
     bar.close()
     d_all = np.concatenate(diag) if diag else np.full((len(records), len(DIAGNOSES)), -np.inf)
     return Scores(np.concatenate(logits), d_all)
+
+
+# ------------------------------------------------------------------------------------------- quality gate
+@dataclass(frozen=True, eq=False)
+class GateInputs:
+    """What the quality gate reads of N pictures: the model's `embedding` output (N, D), each picture's pixel
+    measures (the keys of `quality.pixel_measures`) and its decoded shorter side (None: unknown)."""
+
+    embeddings: np.ndarray
+    measures: Sequence[Mapping[str, float]]
+    shorter_sides: Sequence[int | None]
+
+    def __post_init__(self) -> None:
+        if not len(self.embeddings) == len(self.measures) == len(self.shorter_sides):
+            raise ValueError(
+                f"{len(self.embeddings)} embeddings, {len(self.measures)} measures and "
+                f"{len(self.shorter_sides)} sizes: give one of each per picture"
+            )
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def take(self, ix: Sequence[int] | np.ndarray) -> GateInputs:
+        ix = np.asarray(ix, dtype=int)
+        return GateInputs(self.embeddings[ix], [self.measures[i] for i in ix], [self.shorter_sides[i] for i in ix])
+
+
+def fit_gate(
+    records: Sequence[Record],
+    inputs: GateInputs,
+    tune: GateInputs,
+    tune_groups: Sequence[str],
+    *,
+    without: str | None = None,
+) -> tuple[QualityGate, dict]:
+    """The quality gate that `skinscan export --gate` fits, fitted on `records` less those of the source
+    `without`: `fit_quality_gate` with the arguments the export gives it (each record's source, its group
+    inside its source, the non-lesion tuning pictures `tune` grouped by source picture, `tune_groups`).
+    Only the kept rows of `inputs` reach the fit. Returns the gate and its card section."""
+    if len(records) != len(inputs):
+        raise ValueError(f"{len(records)} records but {len(inputs)} gate inputs")
+    keep = np.array([i for i, r in enumerate(records) if r.source != without], dtype=int)
+    if without is not None and len(keep) == len(records):
+        raise SkinscanError(
+            f"no record of source {without!r} to hold out (sources: {sorted({r.source for r in records})})"
+        )
+    train = [records[i] for i in keep]
+    section = fit_quality_gate(
+        inputs.embeddings[keep],
+        tune.embeddings,
+        train_sources=[r.source for r in train],
+        train_groups=[f"{r.source}/{r.group}" for r in train],  # as `skinscan export --gate` groups them
+        nonlesion_groups=list(tune_groups),
+    )
+    return QualityGate.from_card({CARD_SECTION: section}, ["embedding"]), section
+
+
+def gate_refusals(gate: QualityGate, inputs: GateInputs) -> tuple[np.ndarray, np.ndarray]:
+    """Per picture: refused for any reason (verdict "retake"), and refused as not a skin lesion."""
+    # The measures are given, so `check` reads no pixels: an empty (N, 0, 0, 3) array only tells it N.
+    reports = gate.check(
+        np.empty((len(inputs), 0, 0, 3), np.uint8), inputs.shorter_sides, inputs.embeddings, inputs.measures
+    )
+    return np.array([not r.ok for r in reports]), np.array([NOT_A_LESION in r.problems for r in reports])
+
+
+def _share(flags: np.ndarray) -> dict:
+    k, n = int(np.sum(flags)), len(flags)
+    return {"k": k, "n": n, "share": k / n if n else float("nan"), "ci95": list(metrics.wilson_interval(k, n))}
+
+
+def refusal_figures(records: Sequence[Record], refused: np.ndarray, not_a_lesion: np.ndarray) -> dict:
+    """Shares refused (any reason) and refused as not a lesion, with Wilson 95% intervals; the same per
+    skin-type group (I-II, III-IV, V-VI) where the records hold a skin type."""
+    out: dict = {"n": len(records), "refused": _share(refused), "not_a_lesion": _share(not_a_lesion)}
+    groups = np.array([SKIN_TYPE_GROUPS.get(r.skin_type, "") for r in records])
+    by = {
+        g: {"refused": _share(refused[groups == g]), "not_a_lesion": _share(not_a_lesion[groups == g])}
+        for g in ("I-II", "III-IV", "V-VI")
+        if (groups == g).any()
+    }
+    if by:
+        out["by_skin_type_group"] = by
+    return out
+
+
+def _fit_summary(section: dict) -> dict:
+    fit = section["fit"]
+    keys = ("train_images", "chosen", "cross_fitted_train_rejection", "nonlesion_tune_flag_rate_cross_fitted")
+    return {k: fit[k] for k in keys if k in fit}
+
+
+def gate_loso(
+    records: Sequence[Record],
+    inputs: GateInputs,
+    tune: GateInputs,
+    tune_groups: Sequence[str],
+    holdout: GateInputs,
+    units: Sequence[str] | None = None,
+    outer_folds: int = 0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The quality gate on sources it never saw. For each unit (a source): the gate fitted without it
+    (`fit_gate`), the share of the unit's photos it refuses (`refusal_figures`) and the share of the
+    non-lesion `holdout` pictures it flags. Then the gate fitted on every source, as the export ships it:
+    its refusals per source and skin-type group in-sample (the fit saw those photos; not a bound either way:
+    a small fit's subspace hugs its own photos, so their in-subspace distance is larger than a new photo's),
+    and beside them the fit's own cross-fitted "not a lesion" rejection per source (`fit_quality_gate`
+    gives it per source only: subspace and probe fitted without each photo's fold, the threshold from those
+    scores). With `outer_folds`, the whole fit is also cross-fitted: each grouped fold's photos judged by the
+    gate fitted on the other folds (`cross_fitted`: the figures a new photo of these sources can expect)."""
+    records = list(records)
+    units = list(units or sorted({r.source for r in records}))
+    src = np.array([r.source for r in records])
+
+    def flagged(gate: QualityGate) -> dict:
+        any_reason, ood = gate_refusals(gate, holdout)
+        return {"flagged": _share(any_reason), "not_a_lesion": _share(ood)}
+
+    out: dict = {"held_out": {}}
+    for unit in units:
+        if progress:
+            progress(f"gate without {unit}")
+        gate, section = fit_gate(records, inputs, tune, tune_groups, without=unit)
+        ix = np.flatnonzero(src == unit)
+        entry = refusal_figures([records[i] for i in ix], *gate_refusals(gate, inputs.take(ix)))
+        out["held_out"][unit] = entry | {"nonlesion_holdout": flagged(gate), "fit": _fit_summary(section)}
+    if progress:
+        progress("gate on every source")
+    gate, section = fit_gate(records, inputs, tune, tune_groups)
+    refused, ood = gate_refusals(gate, inputs)
+    out["all_sources"] = {
+        "in_sample": {
+            u: refusal_figures([records[i] for i in np.flatnonzero(src == u)], refused[src == u], ood[src == u])
+            for u in sorted(set(src))
+        },
+        "cross_fitted_not_a_lesion": section["fit"].get(
+            "cross_fitted_train_rejection", section["fit"]["novelty_cross_fitted_train_rejection"]
+        ),
+        "nonlesion_holdout": flagged(gate),
+        "fit": _fit_summary(section),
+    }
+    if outer_folds:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        # The gate never reads labels: folds keep each source's share (not `grouped_kfold`'s source x label,
+        # which a small sample cannot fill) and each group inside one fold, as the export's groups do.
+        groups = [f"{r.source}/{r.group}" for r in records]
+        splitter = StratifiedGroupKFold(n_splits=outer_folds, shuffle=True, random_state=seed)
+        refused, ood = np.zeros(len(records), bool), np.zeros(len(records), bool)
+        for k, (ti, vi) in enumerate(splitter.split(np.zeros(len(records)), src, groups)):
+            if progress:
+                progress(f"gate on every source, outer fold {k + 1}/{outer_folds}")
+            fold_gate, _ = fit_gate([records[i] for i in ti], inputs.take(ti), tune, tune_groups)
+            refused[vi], ood[vi] = gate_refusals(fold_gate, inputs.take(vi))
+        out["all_sources"]["cross_fitted"] = {
+            u: refusal_figures([records[i] for i in np.flatnonzero(src == u)], refused[src == u], ood[src == u])
+            for u in sorted(set(src))
+        }
+        out["all_sources"]["outer_folds"] = outer_folds
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- report

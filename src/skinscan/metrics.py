@@ -140,6 +140,19 @@ def bootstrap_auc_ci(
     return float(lo), float(hi)
 
 
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a share of `k` in `n` (e.g. the photos a gate refuses), scipy's: unlike the
+    normal approximation it stays inside [0, 1] and is not empty at k = 0, where a refusal rate lives."""
+    from scipy.stats import binomtest
+
+    if not 0 <= k <= n:
+        raise ValueError(f"a share needs 0 <= k <= n (got k={k}, n={n})")
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def binary_metrics(
     y: Sequence[int],
     p: Sequence[float],

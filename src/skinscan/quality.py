@@ -208,7 +208,7 @@ MODES = ("residual", "combined")
 class LinearProbe:
     """A linear score on the transformed embedding that separates the training photos from the non-lesion
     tuning pictures (L2-regularised logistic regression): catches pictures like those, where the novelty
-    score alone is unsure. Flags above `threshold` (cross-fitted, <= 1% of each training source)."""
+    score alone is unsure. Flags above `threshold` (cross-fitted, <= 0.5% of each training source)."""
 
     weights: np.ndarray  # (D,)
     bias: float
@@ -518,7 +518,7 @@ def fit_quality_gate(
     transforms: Sequence[str] = ("sqrt", "unit"),
     probe: bool = True,
     probe_c: float = 0.1,
-    max_train_rejection: float = 0.01,
+    max_train_rejection: float = 0.005,
     target_flag_rate: float = 0.97,
     folds: int = 5,
     seed: int = 0,
@@ -539,6 +539,10 @@ def fit_quality_gate(
     photos and the tuning pictures, its threshold the same per-source quantile of cross-fitted training
     scores (`nonlesion_groups`, e.g. the source picture of each crop, keep a picture's crops in one fold).
     Each check refuses up to `max_train_rejection` of a source's photos; together at most twice that.
+    Why 0.5%: a source the fit never saw loses several times the budget (benchmarks/bench_gate_sources.py,
+    the gate fitted without each source, 600 photos per source): at 1% each held-out dermoscopic set lost
+    2.2-5.3% of its photos (isic-mvb 5.3%, over the 5% bar), at 0.5% 1.8-3.2%, and every fitted gate still
+    flagged 96.3% of the non-lesion holdout pictures.
     """
     x = np.asarray(train_embeddings, dtype=np.float32)
     nl = np.asarray(nonlesion_embeddings, dtype=np.float32)
@@ -630,7 +634,7 @@ def fit_quality_gate(
         },
         "novelty_nonlesion_tune_flag_rate": round(float(novelty_flags.mean()), 4),
         "novelty_rule": (
-            f"threshold = the largest per-source {1 - max_train_rejection:.0%} quantile of the cross-fitted "
+            f"threshold = the largest per-source {1 - max_train_rejection:.1%} quantile of the cross-fitted "
             f"training scores ({floor:.3f}), moved halfway (geometric) towards the non-lesion tune half's "
             f"{1 - target_flag_rate:.0%} quantile ({nonlesion_low:.3f}) when that lies above it"
         ),
@@ -639,7 +643,7 @@ def fit_quality_gate(
         fit["probe"] = {
             "transform": linear.transform,
             "C": probe_c,
-            "rule": f"threshold = the largest per-source {1 - max_train_rejection:.0%} quantile of the "
+            "rule": f"threshold = the largest per-source {1 - max_train_rejection:.1%} quantile of the "
             "cross-fitted training logits",
             "nonlesion_tune_flag_rate_cross_fitted": round(float((nl_probe > 1).mean()), 4),
         }
