@@ -132,9 +132,9 @@ def near(pixel, colour, tol: int = 40) -> bool:
 
 @pytest.fixture(scope="session")
 def diagnosis_model(tmp_path_factory, model_path: Path) -> Path:
-    """The default model with a diagnosis output grafted on (a fixed random linear head on its embedding,
-    log-softmax; the card names the classes): plumbing tests of `diagnosis` without training a network.
-    Its diagnoses mean nothing; the figures of a trained head come from `skinscan loso`."""
+    """A model with a `diagnosis` output: the default where it has one (a trained head), else the default
+    with one grafted on (a fixed random linear head on its embedding, log-softmax; the card names the
+    classes), for plumbing tests of `diagnosis` without training a network."""
     onnx = pytest.importorskip("onnx", reason="needs the train extra (onnx) to write a model")
     import json
 
@@ -145,6 +145,8 @@ def diagnosis_model(tmp_path_factory, model_path: Path) -> Path:
     from skinscan.data import DIAGNOSES
 
     model = onnx.load(str(model_path))
+    if any(o.name == "diagnosis" for o in model.graph.output):
+        return model_path  # the default has a trained diagnosis head: nothing to graft
     dim = next(o for o in model.graph.output if o.name == "embedding").type.tensor_type.shape.dim[1].dim_value
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.05, (dim, len(DIAGNOSES))).astype(np.float32)

@@ -67,7 +67,8 @@ def test_piped_output_is_csv_rows_with_the_files_columns(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout == (tmp_path / "out.csv").read_text()
     (row,) = list(csv.DictReader(out.stdout.splitlines()))
-    assert row["path"] == str(deep) and row["photo_type"] == "dermoscopic" and row["decision"] == "monitor"
+    assert row["path"] == str(deep) and row["photo_type"] == "dermoscopic"
+    assert row["decision"] == ("refer" if float(row["probability"]) >= float(row["threshold"]) else "monitor")
     as_json = skinscan("predict", str(deep), "--format", "json")
     assert json.loads(as_json.stdout)[0]["path"] == str(deep)
 

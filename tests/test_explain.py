@@ -217,13 +217,14 @@ def _lesion_mask(pixels: np.ndarray) -> np.ndarray:
     return labels == nearest
 
 
-def _peak_rates(predictor: Predictor, images: list) -> tuple[float, float, int]:
+def _peak_rates(predictor: Predictor, images: list, force: bool = False) -> tuple[float, float, int]:
     """(share of images whose heatmap peaks on the lesion, share where it peaks on the outer ring of
     cells, number of images with a map). On the lesion: at least half of the hottest cell's pixels are in
     the lesion mask, measured on exactly the square the model saw. Photos that the quality gate sends
-    back for a retake have no map and are not counted."""
+    back for a retake have no map and are not counted, unless `force` (synthetic pictures, which a gate
+    fitted on real lesion photos rightly finds unlike them)."""
     on_lesion = on_border = 0
-    results = predictor.predict(images, batch_size=16)
+    results = predictor.predict(images, batch_size=16, force=force)
     mapped = [(s, r) for s, r in zip(images, results, strict=True) if r.ok and r.cam is not None]
     assert len(mapped) >= 0.75 * len(images), f"only {len(mapped)} of {len(images)} photos have a map"
     for source, result in mapped:
@@ -251,7 +252,7 @@ def test_map_peaks_on_synthetic_dark_lesions_more_than_on_the_border(predictor: 
         skin = tuple(int(c) for c in rng.choice([(232, 196, 172), (222, 178, 150), (198, 150, 118)]))
         img, _ = skin_with_lesion((int(w), int(h)), (cx, cy), side * rng.uniform(0.1, 0.18), seed=k, skin=skin)
         images.append(img)
-    on_lesion, on_border, n = _peak_rates(predictor, images)
+    on_lesion, on_border, n = _peak_rates(predictor, images, force=True)
     print(f"synthetic: peak on the lesion {on_lesion:.0%}, on the border {on_border:.0%} of {n}")
     # the issue's criterion; the default phone-trained model peaks on 47.5% of these blobs and on the border
     # far less often (real photos: tests below also require >= 50% on the lesion)
@@ -284,21 +285,22 @@ def test_service_explain_returns_an_overlay_and_the_raw_map(predictor: Predictor
     img.save(buf, "JPEG", quality=92)
     jpeg = buf.getvalue()
     with TestClient(create_app(Settings(model=predictor.model_path), predictor=predictor)) as client:
-        plain = client.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"})
+        # a synthetic picture: the gate may call it "not a lesion", so the checks are forced
+        plain = client.post("/v1/predict?force=true", content=jpeg, headers={"content-type": "image/jpeg"})
         assert plain.status_code == 200, plain.text
         assert "heatmap_png" not in plain.json() and "heatmap" not in plain.json()
-        r = client.post("/v1/predict?explain=true", files={"file": ("a.jpg", jpeg, "image/jpeg")})
+        r = client.post("/v1/predict?explain=true&force=true", files={"file": ("a.jpg", jpeg, "image/jpeg")})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["probability"] == pytest.approx(plain.json()["probability"], abs=1e-9)
         png = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
         assert png.format == "PNG" and png.size == (400, 300)
         grid = np.array(body["heatmap"])
-        assert grid.shape == (7, 7) and np.mean(grid) == pytest.approx(predictor(jpeg).logit, abs=1e-3)
+        assert grid.shape == (7, 7) and np.mean(grid) == pytest.approx(predictor(jpeg, force=True).logit, abs=1e-3)
         assert body["timing_ms"]["explain"] > 0
         big = io.BytesIO()
         img.resize((2400, 1800)).save(big, "JPEG")
-        r = client.post("/v1/predict?explain=1", content=big.getvalue(), headers={"content-type": "image/jpeg"})
+        r = client.post("/v1/predict?explain=1&force=1", content=big.getvalue(), headers={"content-type": "image/jpeg"})
         assert Image.open(io.BytesIO(base64.b64decode(r.json()["heatmap_png"]))).size == (1024, 768)
         bad = client.post("/v1/predict?explain=maybe", content=jpeg, headers={"content-type": "image/jpeg"})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"

@@ -258,7 +258,8 @@ def test_phone_photos_in_a_wide_frame_are_judged_as_phone_photos(predictor, pad_
     as_phone = np.mean([r.photo_type == "phone" for r in got])
     assert predictor.photo_types.dermoscopic_min_probability > 0.5
     assert as_phone >= 0.75, as_phone
-    # at even odds (the probe alone) clearly fewer of them would be
+    # at even odds (the probe alone) no more of them would be (the phone-first default: 0.16 fewer; this
+    # default, trained on clinical photos too, tells such frames apart better: 0.85 against 0.95)
     from skinscan.preprocess import load_pixels, normalise
 
     emb = predictor.run(normalise(np.stack([load_pixels(f, predictor.spec) for f in frames]), predictor.spec))
@@ -266,7 +267,7 @@ def test_phone_photos_in_a_wide_frame_are_judged_as_phone_photos(predictor, pad_
     assert [("phone" if s > predictor.photo_types.boundary else "dermoscopic") for s in scores] == [
         r.photo_type for r in got
     ]
-    assert (scores > 0).mean() < as_phone - 0.1
+    assert (scores > 0).mean() <= as_phone
 
 
 def test_answers_and_lesions_use_the_photo_types_temperature(predictor):

@@ -245,6 +245,8 @@ class Predictor:
         logit, adjustments = apply_answers(
             prediction.logit / self.temperature_for(prediction.photo_type), answers, self.answers_adjustments()
         )
+        if not adjustments:  # answers that move nothing (other / unfitted values): exactly the image's estimate
+            return prediction
         p = float(sigmoid(logit))
         return dataclasses.replace(
             prediction,
