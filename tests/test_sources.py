@@ -3,6 +3,7 @@ balance by source and diagnosis, and the leave-one-source-out protocol's decisio
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -265,8 +266,27 @@ def test_predictor_service_and_cli_carry_the_diagnosis(diagnosis_model, tmp_path
     assert main(["predict", *map(str, examples), "--model", str(diagnosis_model), "--force", "-q", "-o", str(out)]) == 0
     with out.open(newline="") as f:
         assert [row["diagnosis"] for row in csv.DictReader(f)] == [r.diagnosis for r in results]
-    default = Predictor()
-    assert default.predict(examples[:1], force=True)[0].diagnosis is None  # no head: no diagnosis, no guess
+    assert (
+        Predictor(_without_diagnosis(diagnosis_model, tmp_path)).predict(examples[:1], force=True)[0].diagnosis is None
+    )
+
+
+def _without_diagnosis(model_path: Path, folder: Path) -> Path:
+    """A copy of a model without its `diagnosis` output (and card section): no head, no diagnosis, no guess."""
+    onnx = pytest.importorskip("onnx")
+    from skinscan.card import CARD_KEY, write_card
+
+    model = onnx.load(str(model_path))
+    keep = [o for o in model.graph.output if o.name != "diagnosis"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    out = folder / "no-diagnosis.onnx"
+    onnx.save(model, str(out))
+    card = json.loads({p.key: p.value for p in model.metadata_props}[CARD_KEY])
+    card["outputs"] = [o for o in card["outputs"] if o != "diagnosis"]
+    card.pop("diagnosis", None)
+    write_card(out, card)
+    return out
 
 
 @pytest.mark.data
