@@ -59,36 +59,32 @@ def data_root() -> Path:
     return find_data_root()
 
 
+def _dataset(data_root: Path, name: str, marker: str = "labels.csv") -> Path:
+    """The dataset folder `name` under the data root (skip, or fail in CI, where its `marker` is missing)."""
+    path = data_root / name
+    if not (path / marker).is_file():
+        _data_missing(f"{path}: {name} not found under the data root; set SKINSCAN_DATA")
+    return path
+
+
 @pytest.fixture(scope="session")
 def isic_mvb(data_root: Path) -> Path:
-    path = data_root / "isic-mvb"
-    if not (path / "manifest.csv").is_file():
-        _data_missing(f"{path}: isic-mvb not found under the data root; set SKINSCAN_DATA")
-    return path
+    return _dataset(data_root, "isic-mvb", "manifest.csv")
 
 
 @pytest.fixture(scope="session")
 def isic_archive_more(data_root: Path) -> Path:
-    path = data_root / "isic-archive-more"
-    if not (path / "labels.csv").is_file():
-        _data_missing(f"{path}: isic-archive-more not found under the data root; set SKINSCAN_DATA")
-    return path
+    return _dataset(data_root, "isic-archive-more")
 
 
 @pytest.fixture(scope="session")
 def clinical_atlas(data_root: Path) -> Path:
-    path = data_root / "clinical-atlas"
-    if not (path / "labels.csv").is_file():
-        _data_missing(f"{path}: clinical-atlas not found under the data root; set SKINSCAN_DATA")
-    return path
+    return _dataset(data_root, "clinical-atlas")
 
 
 @pytest.fixture(scope="session")
 def pad_ufes(data_root: Path) -> Path:
-    path = data_root / "pad-ufes-20-phone"
-    if not (path / "labels.csv").is_file():
-        _data_missing(f"{path}: pad-ufes-20-phone not found under the data root; set SKINSCAN_DATA")
-    return path
+    return _dataset(data_root, "pad-ufes-20-phone")
 
 
 def quadrants(width: int = 64, height: int = 48) -> Image.Image:
