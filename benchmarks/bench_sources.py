@@ -29,7 +29,7 @@ import numpy as np
 
 from skinscan.data import load_dataset
 from skinscan.evaluate import score
-from skinscan.loso import SKIN_TYPE_GROUPS, table, unit_figures
+from skinscan.loso import SKIN_GROUP_ORDER, SKIN_TYPE_GROUPS, table, unit_figures
 from skinscan.predict import Predictor
 from skinscan.quality import NOT_A_LESION
 
@@ -80,7 +80,7 @@ def main() -> None:
         retake = [preds[i].quality == "retake" for i in ix]
         entry = {"n": len(ix), "not_a_lesion": float(np.mean(refused)), "any_retake": float(np.mean(retake))}
         groups = [SKIN_TYPE_GROUPS.get(r.skin_type) for r in recs]
-        for g in ("I-II", "III-IV", "V-VI"):
+        for g in SKIN_GROUP_ORDER:
             m = [k for k, v in enumerate(groups) if v == g]
             if m:
                 entry[f"not_a_lesion_{g}"] = float(np.mean([refused[k] for k in m]))
@@ -94,9 +94,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for s, e in result["gate"].items():
-        by = " / ".join(
-            f"{e[f'not_a_lesion_{g}']:.3f}" if f"not_a_lesion_{g}" in e else "-" for g in ("I-II", "III-IV", "V-VI")
-        )
+        by = " / ".join(f"{e[f'not_a_lesion_{g}']:.3f}" if f"not_a_lesion_{g}" in e else "-" for g in SKIN_GROUP_ORDER)
         gate_rows.append(f"| {s} | {e['n']} | {e['not_a_lesion']:.3f} | {e['any_retake']:.3f} | {by} |")
     text = (
         f"# {predictor.card.name} {predictor.card.version} on every source\n\n"

@@ -477,7 +477,7 @@ def refusal_figures(records: Sequence[Record], refused: np.ndarray, not_a_lesion
     groups = np.array([SKIN_TYPE_GROUPS.get(r.skin_type, "") for r in records])
     by = {
         g: {"refused": _share(refused[groups == g]), "not_a_lesion": _share(not_a_lesion[groups == g])}
-        for g in ("I-II", "III-IV", "V-VI")
+        for g in SKIN_GROUP_ORDER
         if (groups == g).any()
     }
     if by:
