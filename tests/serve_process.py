@@ -20,11 +20,12 @@ def free_port() -> int:
 
 
 def start_serve(
-    model: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    model: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (), port: int | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`skinscan serve --model MODEL` with `env` (default: this environment without SKINSCAN_* settings);
-    returns the process and its base URL once /v2/health/ready answers 200 (fails the test otherwise)."""
-    port = free_port()
+    """`skinscan serve --model MODEL` with `env` (default: this environment without SKINSCAN_* settings) on
+    `port` (default: a free one); returns the process and its base URL once /v2/health/ready answers 200
+    (fails the test otherwise)."""
+    port = port or free_port()
     if env is None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKINSCAN_")}
     cmd = [sys.executable, "-m", "skinscan", "serve", "--model", str(model), "--port", str(port), *args]
