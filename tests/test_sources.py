@@ -197,6 +197,28 @@ def test_decision_rule_keeps_the_target_in_every_training_source_of_a_type():
     assert rule["dermoscopic"]["threshold"] <= alone + 1e-12
 
 
+def test_decision_rule_variants_one_boundary_and_pooled():
+    from skinscan.loso import apply_rule, decision_rule
+
+    recs, x = _synthetic()
+    logits = x[:, 0] * 2 + np.random.default_rng(1).normal(size=len(x))
+    y = np.array([r.label for r in recs])
+    one = decision_rule(logits, recs, 0.95, per_type=False, min_cancers=5)
+    assert set(one) == {"any"}  # one temperature and threshold for every photo, as the export sets them
+    p, t = apply_rule(logits, recs, one)
+    assert len(set(t)) == 1
+    for s in ("isic-mvb", "ham10000", "fitzpatrick17k", "dermnet-nz"):
+        m = np.array([r.source == s for r in recs])
+        assert (p[m][y[m] == 1] >= t[m][y[m] == 1]).mean() >= 0.95
+    # pooled over a type's sources the target holds on the pool only, so its threshold is never stricter
+    every, pooled = decision_rule(logits, recs, 0.95), decision_rule(logits, recs, 0.95, every_source=False)
+    for kind in ("dermoscopic", "phone"):
+        assert pooled[kind]["threshold"] >= every[kind]["threshold"] - 1e-12
+    # a higher target lowers every threshold
+    stricter = decision_rule(logits, recs, 0.98)
+    assert all(stricter[k]["threshold"] <= every[k]["threshold"] + 1e-12 for k in every)
+
+
 def test_frozen_loso_never_lets_the_held_out_unit_choose_its_rule():
     from skinscan.loso import Recipe, frozen_loso
 

@@ -279,3 +279,21 @@ def test_diagnosis_head_trains_masked_exports_and_predicts(tmp_path, isic_mvb, p
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["diagnosis"] for row in rows] == [r.diagnosis for r in results]
+
+    # the card's balanced accuracy per source, on the run's validation photos, as the model scores them
+    from skinscan.export import add_diagnosis_figures
+    from skinscan.train import load_training_records
+
+    val_keys = set(info["val_keys"])
+    val = [r for r in load_training_records(load_config(run / "config.yaml"))[0] if r.uid in val_keys]
+    figures = add_diagnosis_figures(onnx_path, val)
+    predictor = Predictor(onnx_path)
+    assert predictor.card.diagnosis["balanced_accuracy"] == figures and figures
+    for source, f in figures.items():
+        recs = [r for r in val if r.source == source and r.diagnosis]
+        assert f["n"] == len(recs) and 0 <= f["diagnosis_balanced_accuracy"] <= 1
+        told = predictor.predict([r.path for r in recs], force=True)
+        said = {r.path: p.diagnosis for r, p in zip(recs, told, strict=True)}
+        for c, recall in f["diagnosis_recall"].items():
+            mine = [said[r.path] == c for r in recs if r.diagnosis == c]
+            assert recall == pytest.approx(np.mean(mine))

@@ -166,12 +166,22 @@ def photo_type(source: str) -> str:
         raise SkinscanError(f"source {source!r}: which kind of photo (dermoscopic or phone) is not known") from None
 
 
-def decision_rule(logits: np.ndarray, records: Sequence[Record], target: float) -> dict[str, dict[str, float]]:
+def decision_rule(
+    logits: np.ndarray,
+    records: Sequence[Record],
+    target: float,
+    *,
+    per_type: bool = True,
+    every_source: bool = True,
+    min_cancers: int = MIN_CANCERS_FOR_THRESHOLD,
+) -> dict[str, dict[str, float]]:
     """{photo type: {temperature, threshold}} from out-of-fold logits of training records: a temperature
     per type, then the highest threshold that keeps `target` sensitivity in every source of that type
-    with at least MIN_CANCERS_FOR_THRESHOLD cancers (all of the type's records if none has)."""
+    with at least `min_cancers` cancers (all of the type's records if none has). `per_type=False`: one
+    temperature and threshold for every photo (key "any"), as `train.operating_point` sets the exported
+    model's boundary; `every_source=False`: the target on the type's records pooled, not in each source."""
     y = np.array([r.label for r in records])
-    types = np.array([photo_type(r.source) for r in records])
+    types = np.array([photo_type(r.source) if per_type else "any" for r in records])
     src = np.array([r.source for r in records])
     rule = {}
     for t in sorted(set(types)):
@@ -181,7 +191,7 @@ def decision_rule(logits: np.ndarray, records: Sequence[Record], target: float) 
         per_source = [
             metrics.threshold_for_sensitivity(y[m & (src == s)], p[m & (src == s)], target)
             for s in sorted(set(src[m]))
-            if y[m & (src == s)].sum() >= MIN_CANCERS_FOR_THRESHOLD
+            if every_source and y[m & (src == s)].sum() >= min_cancers
         ]
         threshold = min(per_source) if per_source else metrics.threshold_for_sensitivity(y[m], p[m], target)
         rule[t] = {"temperature": float(temperature), "threshold": float(threshold)}
@@ -338,7 +348,8 @@ def finetune_loso(
 ) -> dict:
     """The whole training recipe per held-out unit: `train.train(cfg without that source)` into
     `out/held-out-<unit>/` (resumed where a run is there), the decision rule from that run's validation
-    predictions (training sources only), then its best checkpoint scores the unit."""
+    predictions (training sources only), then its best checkpoint scores the unit (its logits are kept in
+    the run's held_out_predictions.npz, so other decision rules can be compared without scoring again)."""
     from .train import load_training_records, train
 
     records = list(records)
@@ -353,7 +364,13 @@ def finetune_loso(
         if not (run / "calibration.json").is_file():
             train(unit_cfg, run, resume=(run / "config.yaml").is_file(), progress=progress)
         test = [r for r in records if r.source == unit]
-        scores = score_run(run, test, progress)
+        saved = run / "held_out_predictions.npz"
+        if saved.is_file() and [str(k) for k in np.load(saved)["keys"]] == [r.uid for r in test]:
+            z = np.load(saved)
+            scores = Scores(z["logits"], z["diagnosis"])
+        else:
+            scores = score_run(run, test, progress)
+            np.savez(saved, keys=np.array([r.uid for r in test]), logits=scores.logits, diagnosis=scores.diagnosis)
         rule = run_rule(run, unit_cfg)
         p, t = apply_rule(scores.logits, test, rule)
         result["held_out"][unit] = unit_figures(test, p, t, scores.diagnosis, n_boot) | {"rule": rule}
