@@ -96,7 +96,7 @@ def plot(result: dict, path: Path, target: float) -> None:
     import matplotlib.pyplot as plt
 
     units = sorted(result["units"])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
     for k, name in enumerate(RULES):
         y = np.arange(len(units)) + (k - len(RULES) / 2) * 0.1
         rows = [result["units"][u][name] for u in units]
@@ -113,9 +113,10 @@ def plot(result: dict, path: Path, target: float) -> None:
     )
     axes[0].set_xlabel(f"sensitivity on the held-out source (95% CI; dashed: target {target})")
     axes[1].set_xlabel("specificity on the held-out source (dotted: 0.40)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4, frameon=False)
     fig.suptitle(result["title"], fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -116,6 +116,49 @@ def test_real_stamps_show_where_their_source_puts_them(stamps):
     assert not ink[98:118, 134:154].any()  # ...with the lesion's place left clear
 
 
+# ------------------------------------------------------------------------------- counterfactual augmentation
+@pytest.mark.data
+def test_stamp_augmentation_pastes_every_mark_at_random_and_only_at_its_share(stamps):
+    from skinscan.augment import build_augment
+    from skinscan.shortcuts import random_stamp
+
+    px = np.full((224, 224, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    seen = {name: 0 for name in stamps}
+    for _ in range(60):
+        out = random_stamp(px, stamps, rng)
+        assert out.shape == px.shape and out.dtype == np.uint8 and (out != px).any()
+        changed = (out != px).any(axis=2)
+        # which mark: the vignette shades the corners, the ruler the bottom edge only, the ink the middle
+        if changed[0, 0] and changed[0, -1]:
+            seen["vignette"] += 1
+        elif changed[-1].all() and not changed[:150].any():
+            seen["ruler"] += 1
+        elif changed[112, 40:184].any() and not changed[-1, :].all():
+            seen["ink-circle"] += 1
+        else:
+            seen["dermnet-logo" if changed.sum() > 1500 else "sfs-text"] += 1
+    assert all(n > 0 for n in seen.values()), seen  # every mark is drawn
+    aug = build_augment("none", 224, stamps, stamp_p=0.3)
+    share = np.mean([(aug(px, rng) != px).any() for _ in range(400)])
+    assert 0.22 < share < 0.38  # about stamp_p of the draws, whatever their label
+    assert (build_augment("none", 224, stamps, stamp_p=0.0)(px, rng) == px).all()
+    with pytest.raises(ValueError, match="needs the stamps"):
+        build_augment("none", 224, None, stamp_p=0.5)
+
+
+def test_stamp_augmentation_without_the_datasets_is_a_clear_config_error(tmp_path):
+    pytest.importorskip("torch", reason="needs the train extra")
+    from skinscan.config import load_config
+    from skinscan.errors import ConfigError
+    from skinscan.train import _stamps
+
+    assert _stamps(load_config(overrides={"data": str(tmp_path / "x")})) is None  # off by default
+    cfg = load_config(overrides={"data": str(tmp_path / "x"), "stamp_augment": 0.3})
+    with pytest.raises(ConfigError, match="stamps_from"):
+        _stamps(cfg)
+
+
 def test_load_stamps_reads_a_folder_and_names_what_is_missing(tmp_path):
     vignette().save(tmp_path / "vignette.png")
     assert load_stamps(tmp_path, ["vignette"])["vignette"].tobytes() == vignette().tobytes()

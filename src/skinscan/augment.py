@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -54,18 +55,31 @@ def _photometric(phone: bool) -> list:
     ]
 
 
-def build_augment(preset: str, size: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
-    """Return `aug(pixels, rng) -> pixels` for a preset in PRESETS."""
-    if preset == "none":
-        return lambda pixels, rng: pixels
+def build_augment(
+    preset: str, size: int, stamps: Mapping[str, Any] | None = None, stamp_p: float = 0.0
+) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """Return `aug(pixels, rng) -> pixels` for a preset in PRESETS. With `stamps` (name -> RGBA image,
+    `skinscan.stamps.build_stamps`), a share `stamp_p` of the draws first gets one of them pasted at random
+    (`shortcuts.random_stamp`: counterfactual augmentation, so that no source's mark predicts the label)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    import albumentations as A
+    if preset == "none":
+        pipeline = None
+    else:
+        import albumentations as A
 
-    phone = preset == "phone"
-    pipeline = A.Compose([*_geometric(size, phone), *_photometric(phone)], seed=None)
+        phone = preset == "phone"
+        pipeline = A.Compose([*_geometric(size, phone), *_photometric(phone)], seed=None)
+    if stamp_p > 0 and not stamps:
+        raise ValueError("stamp augmentation needs the stamps (skinscan.stamps.build_stamps)")
 
     def aug(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if stamp_p > 0 and rng.random() < stamp_p:
+            from .shortcuts import random_stamp
+
+            pixels = random_stamp(pixels, stamps, rng)
+        if pipeline is None:
+            return pixels
         pipeline.set_random_seed(int(rng.integers(2**31 - 1)))
         return pipeline(image=pixels)["image"]
 

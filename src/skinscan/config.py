@@ -51,6 +51,8 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(ge=0.0, lt=0.5)
     patience: int = Field(ge=1)
     augment: Literal["none", "standard", "phone"]
+    stamp_augment: float = Field(default=0.0, ge=0.0, le=1.0)
+    stamps_from: str | None = None
     workers: int = Field(ge=0)
     device: Literal["cpu", "cuda", "auto"]
     threads: int | None = Field(default=None, ge=1)

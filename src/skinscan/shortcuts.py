@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -133,6 +133,31 @@ def paste_stamp(image: Image.Image, stamp: Image.Image, where: Placement | str) 
     else:
         raise ValueError(f"unknown blend {place.blend!r}; blends: over, multiply")
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
+
+
+def random_stamp(pixels: np.ndarray, stamps: Mapping[str, Image.Image], rng: np.random.Generator) -> np.ndarray:
+    """Counterfactual augmentation (training's `stamp_augment`): `pixels` (uint8 H x W x 3) with one of
+    `stamps` pasted, chosen at random whatever the photo's label or source, its size, place and opacity
+    jittered around where its source puts it (PLACEMENTS): a corner mark 0.7-1.4x its width with margins of
+    0-0.15, the ink circle 0.5-0.95 of the shorter side, the vignette's field 0.8-1 of its drawn size
+    (cropped from its centre: a lighter one), opacity 0.7-1. Flips and rotations come later, in the
+    augmentation pipeline, and move marks to the other corners and edges."""
+    name = list(stamps)[int(rng.integers(len(stamps)))]
+    place, stamp = PLACEMENTS[name], stamps[name]
+    if place.anchor == "bottom-left":
+        margin = (float(rng.uniform(0, 0.15)), float(rng.uniform(0, 0.15)))
+        place = replace(place, width=place.width * float(rng.uniform(0.7, 1.4)), margin=margin)
+    elif place.anchor == "centre":
+        place = replace(place, width=float(rng.uniform(0.5, 0.95)))
+    elif place.anchor == "fill":
+        f = float(rng.uniform(0.8, 1.0))
+        w, h = stamp.size
+        box = (round(w * (1 - f) / 2), round(h * (1 - f) / 2), round(w * (1 + f) / 2), round(h * (1 + f) / 2))
+        stamp = stamp.crop(box)
+    rgba = np.array(stamp.convert("RGBA"))
+    rgba[..., 3] = np.round(rgba[..., 3] * rng.uniform(0.7, 1.0)).astype(np.uint8)
+    out = paste_stamp(Image.fromarray(pixels, "RGB"), Image.fromarray(rgba, "RGBA"), place)
+    return np.asarray(out, dtype=np.uint8)
 
 
 @dataclass(frozen=True)

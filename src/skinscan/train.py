@@ -31,7 +31,7 @@ from .data import (
     read_patient_list,
     sampling_weights,
 )
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, SkinscanError
 from .preprocess import PreprocessSpec, load_pixels, normalise
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,19 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+def _stamps(cfg: TrainConfig) -> dict | None:
+    """The sources' marks for `stamp_augment`, cut from the datasets (`skinscan.stamps`); None without it."""
+    if not cfg.stamp_augment:
+        return None
+    from .stamps import build_stamps
+
+    root = Path(cfg.stamps_from) if cfg.stamps_from else Path(cfg.data[0]).parent
+    try:
+        return build_stamps(root)
+    except SkinscanError as exc:
+        raise ConfigError(f"stamp_augment: {exc}; set stamps_from to the folder holding the datasets") from None
+
+
 def operating_point(logits: np.ndarray, y: np.ndarray, sources: list[str], groups: list[str], target: float) -> dict:
     """Temperature on all validation images; threshold = the highest that keeps sensitivity >= target in
     EVERY source (with >= 5 cancers), so one threshold serves archive and phone photos alike."""
@@ -282,6 +295,7 @@ def _fit(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     spec = cfg.preprocess_spec()
+    stamps = _stamps(cfg)  # before any decoding: a missing dataset fails at once
     val_px = _cache_pixels(val_recs, spec, "decode val", progress)
     y_val = np.array([r.label for r in val_recs], dtype=np.int64)
     n_diagnoses = len(DIAGNOSES) if cfg.diagnosis_weight > 0 else 0
@@ -293,7 +307,8 @@ def _fit(
     y_train = np.array([r.label for r in train_recs], dtype=np.float32)
     d_train = np.array([DIAGNOSES.index(r.diagnosis) if r.diagnosis else -1 for r in train_recs], dtype=np.int64)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dataset = _ImageSet(train_px, y_train, d_train, spec, build_augment(cfg.augment, cfg.image_size), cfg.seed)
+    augment = build_augment(cfg.augment, cfg.image_size, stamps, cfg.stamp_augment)
+    dataset = _ImageSet(train_px, y_train, d_train, spec, augment, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     draws = sampling_weights(train_recs, cfg.source_weights, cfg.source_balance, cfg.diagnosis_balance)
     sampler = None
