@@ -901,7 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(a temperature and threshold per photo type) comes from the training sources' held-out predictions only, "
         "so each row shows whether the target sensitivity holds on a source never seen. Protocol `frozen` "
         "(default): ImageNet features + logistic-regression heads, drawn like the sampler: minutes on a CPU, "
-        "for choosing data and balance. Protocol `finetune`: the whole recipe per source (a GPU's job). "
+        "for choosing data and balance. Protocol `finetune`: the whole recipe per source (a GPU's job; on a "
+        "CPU a short schedule, --set epochs=3 --set samples_per_epoch=1280, takes about 10 minutes per "
+        "source), keeping each source's logits for benchmarks/bench_decision_rules.py. "
         "Writes loso.json, report.md and loso.png. Needs skinscan[train].",
     )
     p.add_argument("--config", help="training configuration (YAML) whose data and balance are evaluated")
