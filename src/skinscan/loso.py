@@ -365,9 +365,9 @@ def finetune_loso(
             train(unit_cfg, run, resume=(run / "config.yaml").is_file(), progress=progress)
         test = [r for r in records if r.source == unit]
         saved = run / "held_out_predictions.npz"
-        if saved.is_file() and [str(k) for k in np.load(saved)["keys"]] == [r.uid for r in test]:
-            z = np.load(saved)
-            scores = Scores(z["logits"], z["diagnosis"])
+        kept = np.load(saved) if saved.is_file() else None
+        if kept is not None and [str(k) for k in kept["keys"]] == [r.uid for r in test]:
+            scores = Scores(kept["logits"], kept["diagnosis"])
         else:
             scores = score_run(run, test, progress)
             np.savez(saved, keys=np.array([r.uid for r in test]), logits=scores.logits, diagnosis=scores.diagnosis)
