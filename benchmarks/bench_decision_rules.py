@@ -27,7 +27,7 @@ import numpy as np
 from skinscan import metrics
 from skinscan.config import load_config
 from skinscan.data import load_dataset
-from skinscan.loso import apply_rule, decision_rule
+from skinscan.loso import apply_rule, decision_rule, referral_figures
 from skinscan.train import load_training_records
 
 MIN_CANCERS = 50  # the bar applies to held-out units with at least this many cancers
@@ -70,13 +70,7 @@ def figures(records: list, p: np.ndarray, t: np.ndarray) -> dict:
         "specificity": float((~refer[y == 0]).mean()),
         "referred": float(refer.mean()),
     }
-    mel = np.array([r.diagnosis == "melanoma" for r in records])
-    if mel.any():
-        out["melanoma_sensitivity"] = float(refer[mel].mean())
-        out["n_melanoma"] = int(mel.sum())
-    no_ak = (y == 0) & np.array([r.diagnosis != "actinic_keratosis" for r in records])
-    if 0 < no_ak.sum() < (y == 0).sum():
-        out["specificity_without_ak"] = float((~refer[no_ak]).mean())
+    out |= referral_figures(records, refer)
     return out
 
 

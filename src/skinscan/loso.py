@@ -221,6 +221,20 @@ def unit_figures(records: Sequence[Record], p: np.ndarray, t: np.ndarray, diag: 
         m = metrics.binary_metrics(y, p, t, groups, n_boot=n_boot)
         out |= {"auc": m.auc, "auc_ci": list(m.auc_ci), "sensitivity": m.sensitivity, "specificity": m.specificity}
         out |= {"ece": m.ece, "threshold": m.threshold}
+    out |= referral_figures(records, refer)
+    out |= diagnosis_figures(records, diag)
+    skin = skin_type_figures(records, p, t, n_boot)
+    if skin:
+        out["by_skin_type_group"] = skin
+    return out
+
+
+def referral_figures(records: Sequence[Record], refer: np.ndarray) -> dict:
+    """The decisions' figures beside sensitivity and specificity: melanoma sensitivity on its own (where
+    melanomas are recorded) and specificity with actinic keratoses left out (where the benign photos hold
+    some; AK is labelled benign but is treated, docs/sources.md)."""
+    y = np.array([r.label for r in records])
+    out: dict = {}
     mel = np.array([r.diagnosis == "melanoma" for r in records])
     if mel.any():
         out["melanoma_sensitivity"] = float(refer[mel].mean())
@@ -228,10 +242,6 @@ def unit_figures(records: Sequence[Record], p: np.ndarray, t: np.ndarray, diag: 
     benign_no_ak = (y == 0) & np.array([r.diagnosis != "actinic_keratosis" for r in records])
     if benign_no_ak.any() and benign_no_ak.sum() < (y == 0).sum():
         out["specificity_without_ak"] = float((~refer[benign_no_ak]).mean())
-    out |= diagnosis_figures(records, diag)
-    skin = skin_type_figures(records, p, t, n_boot)
-    if skin:
-        out["by_skin_type_group"] = skin
     return out
 
 
