@@ -11,7 +11,7 @@ from PIL import Image
 
 from skinscan.explain import influence
 from skinscan.graphs import MEASURES, PROBLEM_ORDER
-from skinscan.preprocess import decode_image, normalise, resize_for_model
+from skinscan.preprocess import DECODE_SIDE_FACTOR, decode_image, load_pixels, normalise, resize_for_model
 from skinscan.quality import pixel_measures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +38,13 @@ def _before(predictor, img: Image.Image):
 def test_before_graph_matches_pillow_and_numpy(predictor, photos) -> None:
     spec = predictor.spec
     odd = [Image.open(photos[-1]).convert("RGB").resize(s, Image.BICUBIC) for s in ((901, 333), (250, 640), (224, 224))]
-    for img in [decode_image(p, min_side=spec.size) for p in photos] + odd:
+    for img in [decode_image(p, min_side=DECODE_SIDE_FACTOR * spec.size) for p in photos] + odd:
         image, square, measures = _before(predictor, img)
         ref = resize_for_model(img, spec).astype(int)
         diff = np.abs(square.astype(int) - ref)
-        # ONNX Runtime's antialiased bilinear resize is Pillow's up to rounding: a level here and there
-        assert diff.max() <= 4 and (diff > 1).mean() < 0.002, (img.size, diff.max(), (diff > 1).mean())
+        # ONNX Runtime's antialiased bilinear resize is Pillow's up to rounding: a few levels here and there
+        # (measured on 118 phone photos of up to 4 x 224 px: at most 8 levels, on at most 0.5% of the pixels)
+        assert diff.max() <= 10 and (diff > 1).mean() < 0.01, (img.size, diff.max(), (diff > 1).mean())
         np.testing.assert_allclose(image[0], normalise(square, spec), atol=2e-5)
         expected = pixel_measures(square)
         np.testing.assert_allclose(measures, [expected[k] for k in MEASURES], rtol=1e-4, atol=1e-4)
@@ -51,7 +52,7 @@ def test_before_graph_matches_pillow_and_numpy(predictor, photos) -> None:
 
 @pytest.mark.data
 def test_after_graph_matches_numpy(predictor, photos) -> None:
-    squares = np.stack([_before(predictor, decode_image(p, min_side=224))[1] for p in photos])
+    squares = np.stack([_before(predictor, decode_image(p, min_side=DECODE_SIDE_FACTOR * 224))[1] for p in photos])
     out = predictor.run(normalise(squares, predictor.spec))
     sides = [400] * (len(photos) - 2) + [100, None]  # two photos judged too small / of unknown size
     measures = np.array([[pixel_measures(s)[k] for k in MEASURES] for s in squares])
@@ -76,7 +77,7 @@ def test_after_graph_matches_numpy(predictor, photos) -> None:
 def test_predictor_runs_the_graphs_with_the_same_results(predictor, photos) -> None:
     """The Predictor's results (graphs) against the NumPy path (Pillow resize, normalise, gate.check)."""
     results = predictor.predict(photos, force=True)
-    squares = np.stack([resize_for_model(decode_image(p, min_side=224), predictor.spec) for p in photos])
+    squares = np.stack([load_pixels(p, predictor.spec) for p in photos])
     out = predictor.run(normalise(squares, predictor.spec))
     types = predictor.detect_photo_types(out["embedding"], len(photos))
     reference = predictor.calibrate(out["logit"], types)

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import BLUE, GREEN, RED, YELLOW, encode, near, quadrants
 from skinscan.errors import InvalidImage
 from skinscan.preprocess import (
+    DECODE_SIDE_FACTOR,
     MAX_PIXELS,
     PreprocessSpec,
     decode_image,
@@ -362,6 +363,20 @@ def test_large_jpeg_is_decoded_reduced(large_jpeg: bytes) -> None:
 @pytest.mark.parametrize("min_side", [224, 500, 1000, 2999])
 def test_reduced_decode_keeps_shorter_side(large_jpeg: bytes, min_side: int) -> None:
     assert min(decode_image(large_jpeg, min_side=min_side).size) >= min_side
+
+
+@pytest.mark.parametrize("width,height", [(800, 600), (896, 1195), (1791, 1343)])
+def test_load_pixels_reduces_only_what_stays_above_the_decode_bound(width: int, height: int) -> None:
+    # a JPEG that 1/2 would take below DECODE_SIDE_FACTOR x the model's size (448-896 px phone photos) gets one resize, the
+    # antialiased one to the model's size: what the web page's graph does with the same decoded pixels
+    data = encode(quadrants(width, height), "JPEG", quality=90)
+    assert np.array_equal(load_pixels(data, SPEC), resize_for_model(decode_image(data), SPEC))
+
+
+def test_load_pixels_drafts_a_large_jpeg_to_the_bound(large_jpeg: bytes) -> None:
+    drafted = decode_image(large_jpeg, min_side=DECODE_SIDE_FACTOR * SPEC.size)
+    assert drafted.size == (2000, 1500)  # 1/2: 1/4 would take the shorter side below 4 x 224
+    assert np.array_equal(load_pixels(large_jpeg, SPEC), resize_for_model(drafted, SPEC))
 
 
 def test_small_image_is_never_upscaled_by_decode() -> None:

@@ -21,33 +21,13 @@ from serve_process import start_serve, stop_serve
 from skinscan.card import BROWSER_MODEL, default_model_path, resolve_model
 from skinscan.explain import influence
 from skinscan.predict import Predictor
+from skinscan.preprocess import DECODE_SIDE_FACTOR, decode_image
 from test_web import browser  # noqa: F401  (the browser fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = ".outcome, .error-box"
 MODEL = default_model_path()  # parity: the same model file on both sides
-HEATMAP_TOLERANCE = 0.15  # largest difference of one cell of the influence map (0-1)...
-
-
-def _map_jitter(predictor, path: Path) -> float:
-    """...unless the model's own map moves more than that when the same photo is re-saved as a JPEG of
-    quality 95 (an imperceptible change): the browser's JPEG decoder and resize are not Pillow's, so its
-    map can differ from the server's as much as the server's differs from itself. Measured here: on one
-    phone photo the default model's map moves by 0.45 under such a re-save."""
-    import io
-
-    from PIL import Image
-
-    from skinscan.preprocess import load_pixels, normalise
-
-    with Image.open(path) as img:
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=95)
-    cams = [
-        predictor.run(normalise(load_pixels(src, predictor.spec)[None], predictor.spec))["cam"][0]
-        for src in (path, io.BytesIO(buf.getvalue()))
-    ]
-    return float(np.abs(influence(cams[0]) - influence(cams[1])).max())
+HEATMAP_TOLERANCE = 0.1  # largest difference of one cell of the influence map (0-1); measured: 0.038
 
 
 def _server(model: Path = MODEL) -> tuple:
@@ -134,21 +114,13 @@ def test_device_checks_send_nothing_and_agree_with_the_server_on_probability(dev
         assert got.get("quality") == ref["quality"], path.name
         if ref["probability"] is not None and abs(float(got["probability"]) - ref["probability"]) > 0.02:
             off.append((path.name, got["probability"], ref["probability"]))
-    assert len(off) <= len(device_run["photos"]) // 50, off  # 98 of 100 within 0.02 (measured: 99)
+    assert len(off) <= len(device_run["photos"]) // 50, off  # 98 of 100 within 0.02 (measured: 100)
 
 
 @pytest.mark.data
-@pytest.mark.xfail(
-    strict=True,
-    reason="the many-source default: 96-97 of 100 photos agree in probability, decision, verdict and map. "
-    "Every miss (measured 2026-12-03: 4 phone photos, 0.016-0.038 off, a flipped decision or a map) has a "
-    "shorter side of 448-896 px, where the server decodes by Pillow's JPEG draft (DCT scaling to 1/2) and the "
-    "page by Chromium with createImageBitmap's resize; this model is more sensitive to that than the last",
-)
 def test_device_checks_agree_with_the_server(device_run, server) -> None:
     photos, device = device_run["photos"], device_run["device"]
     agree, rows, diffs = 0, [], []
-    own = Predictor(MODEL)
     for path, got in zip(photos, device, strict=True):
         ref = httpx.post(f"{server}/v1/predict?explain=true", files={"file": path.read_bytes()}, timeout=60).json()
         same = got.get("quality") == ref["quality"]
@@ -158,14 +130,49 @@ def test_device_checks_agree_with_the_server(device_run, server) -> None:
             grid = np.array(json.loads(got["influence"]))
             diff = float(np.abs(grid - influence(np.array(ref["heatmap"]))).max())
             diffs.append(diff)
-            same = same and (diff <= HEATMAP_TOLERANCE or diff <= _map_jitter(own, path))
+            same = same and diff <= HEATMAP_TOLERANCE
         if not same:
             rows.append((path.name, got.get("probability"), ref["probability"], got.get("decision"), ref["decision"],
                          got.get("quality"), ref["quality"], diffs[-1] if diffs else None))  # fmt: skip
         agree += same
     assert np.median(diffs) <= HEATMAP_TOLERANCE / 3, np.median(diffs)  # maps: most agree well inside it
-    # the issue's bar: at least 98 of 100 agree (probability, decision, verdict and map)
+    # the issue's bar: at least 98 of 100 agree (probability, decision, verdict and map; measured: 100)
     assert agree >= len(photos) - len(photos) // 50, rows
+
+
+def test_the_page_bounds_a_photo_as_the_server_decodes_it(browser, server) -> None:  # noqa: F811
+    """The one size arithmetic JavaScript keeps (private.js `boundedSize`): for a JPEG the reduction Pillow's
+    draft makes in `load_pixels`, then the bound. Up to DECODE_SIDE_FACTOR x the model's size both sides hand
+    the photo on as decoded (no reduction before the one resize); above it the page's size is the server's
+    draft size cut to the bound. Sizes around every power-of-two step, and odd ones."""
+    size = Predictor(MODEL).spec.size
+    limit = DECODE_SIDE_FACTOR * size
+    sizes = [
+        (w, h)
+        for s in (limit, 2 * limit, 4 * limit, 8 * limit)
+        for w, h in ((s - 1, s - 1), (s, s + 3), (s + 1, 3 * s // 2))
+    ]
+    sizes += [(600, 800), (224, 3000), (4000, 3000), (5000, 249), (1791, 4000)]
+    page = DevicePage(browser, server)
+    got = page.page.evaluate(
+        """async ([sizes, size, factor]) => { const m = await import('./web/private.js');
+        return sizes.map(([w, h]) => [m.boundedSize(w, h, size, factor, true), m.boundedSize(w, h, size, factor, false)]); }""",
+        [sizes, size, DECODE_SIDE_FACTOR],
+    )
+    page.context.close()
+
+    def bound(w: int, h: int) -> list[int]:
+        k = -(-min(w, h) // limit)
+        return [w, h] if k <= 1 else [max(1, w // k), max(1, h // k)]
+
+    for (w, h), (jpeg, other) in zip(sizes, got, strict=True):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (120, 60, 30)).save(buf, "JPEG", quality=30)
+        drafted = decode_image(buf.getvalue(), min_side=limit).size
+        assert jpeg == bound(*drafted), ((w, h), drafted, jpeg)
+        assert other == bound(w, h), ((w, h), other)
+        if min(w, h) <= limit:
+            assert jpeg == [w, h]  # never reduced before the graph's (the server: Pillow's) one resize
 
 
 def test_server_mode_asks_nothing_and_uploads_without_metadata(browser, server, tmp_path) -> None:  # noqa: F811

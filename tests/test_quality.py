@@ -73,10 +73,9 @@ DEGRADE: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 def pixel_report(data: bytes, gate: QualityGate | None = None):
     """The pixel checks alone, on what a Predictor would give them."""
-    img = decode_image(data, min_side=SPEC.size)
-    from skinscan.preprocess import resize_for_model
-
-    return (gate or QualityGate()).check(resize_for_model(img, SPEC)[None], [min(img.size)])[0]
+    with Image.open(io.BytesIO(data)) as img:
+        side = min(img.size)
+    return (gate or QualityGate()).check(load_pixels(data, SPEC)[None], [side])[0]
 
 
 def _phone_records(pad_ufes: Path, predictor: Predictor, *, held_out: bool) -> list:

@@ -5,11 +5,11 @@ what the server (`Predictor`) and the web page's private mode (ONNX Runtime Web)
   network input (shorter side resized to S, antialiased bilinear; centre square; Shades-of-Gray colour
   constancy if the card asks; mean/std), `square` uint8 (S, S, 3), and `measures` (6,): the quality gate's
   pixel measures in `MEASURES` order. The web page hands it the decoded photo, bounded by the decoder to a
-  shorter side of at most `MAX_GRAPH_SIDE_FACTOR` x S (app: private.js `boundedSize`, after the reduction
+  shorter side of at most `preprocess.DECODE_SIDE_FACTOR` x S (private.js `boundedSize`, after the reduction
   Pillow's JPEG draft makes on the server); the server hands it the square Pillow has already resized
   (`preprocess.resize_for_model`, which training uses too), so the graph's resize is the identity there
   and the server's predictions stay those of the NumPy code. ONNX Runtime's antialiased resize differs
-  from Pillow's by rounding (at most a few levels on under 0.2% of the pixels; tests/test_graphs.py).
+  from Pillow's by rounding (at most 8 levels on under 0.5% of the pixels of phone photos; tests/test_graphs.py).
 - `after` (`finish_graph`): the network's `logit` (N,), `embedding` (N, D), `cam` (N, h, w), the photos'
   `shorter_side` (N,) (0: unknown) and `measures` (N, 6) -> `probability` (calibrated per detected photo type),
   `threshold`, `is_phone`, `ood_score` (-1: the card has no fitted check), `problems` (N, 6) booleans in
@@ -32,7 +32,6 @@ from .preprocess import PreprocessSpec
 from .quality import BLUR_WINDOW, WORK_SIZE, QualityGate
 
 OPSET = 18  # Resize's `antialias` (Pillow-like downscaling) needs opset 18
-MAX_GRAPH_SIDE_FACTOR = 4  # the graph takes photos whose shorter side is at most this many times the model's size
 MEASURES = ("sharpness", "brightness", "bright_end", "dark_clipped", "bright_clipped", "colour")
 PROBLEM_ORDER = ("too_small", "too_dark", "overexposed", "blurred", "no_colour", "not_a_lesion")
 

@@ -32,6 +32,12 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF", "MPO")
+# A decoded photo's shorter side, in multiples of the model's input size: a large JPEG decodes at a reduced
+# scale (Pillow's draft, DCT scaling) that keeps it at least this long, and the web page's decoder bounds it
+# to at most this long (web/private.js `boundedSize`). A photo up to this size is never reduced before the
+# one antialiased resize to the model's size (Pillow here and in training, the `before` graph in the page):
+# DCT scaling and the browser's resize differ enough at small sizes to flip decisions at the threshold.
+DECODE_SIDE_FACTOR = 4
 ImageSource = bytes | bytearray | memoryview | str | Path | BinaryIO | Image.Image
 
 
@@ -210,8 +216,9 @@ def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def load_pixels(source: ImageSource, spec: PreprocessSpec) -> np.ndarray:
-    """Decode and resize: the uint8 (size, size, 3) array that augmentation or `normalise` takes."""
-    return resize_for_model(decode_image(source, min_side=spec.size), spec)
+    """Decode and resize: the uint8 (size, size, 3) array that augmentation or `normalise` takes. A large
+    JPEG decodes reduced, never below `DECODE_SIDE_FACTOR` x the model's size on its shorter side."""
+    return resize_for_model(decode_image(source, min_side=DECODE_SIDE_FACTOR * spec.size), spec)
 
 
 def preprocess(source: ImageSource, spec: PreprocessSpec) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 from .card import ADVICE, BROWSER_MODEL, resolve_model
 from .graphs import MEASURES, PROBLEM_ORDER
 from .predict import Predictor
+from .preprocess import DECODE_SIDE_FACTOR
 from .quality import REASONS
 
 RUNTIME = "web/vendor/onnxruntime-web"
@@ -55,7 +56,7 @@ def private_bundle(predictor: Predictor, *, server: bool = True) -> PrivateBundl
         "bytes": {path: len(data) for path, data in files.items()},
         "input_name": predictor.card.input_name,
         "size": predictor.spec.size,
-        "max_side_factor": 4,
+        "max_side_factor": DECODE_SIDE_FACTOR,
         "measures": list(MEASURES),
         "problems": list(PROBLEM_ORDER),
         "reasons": {code: REASONS[code] for code in PROBLEM_ORDER},

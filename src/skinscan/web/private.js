@@ -4,7 +4,7 @@
 // (resizing, colour constancy, normalisation, calibration per photo type, the quality gate, the heatmap's
 // influence) runs in the two graphs skinscan builds from the card (skinscan/graphs.py), the same graphs the
 // server runs. What this file still computes itself, and the server in Python: the size the decoder bounds
-// a photo to (`boundedSize`, graphs.bound_photo_size and Pillow's JPEG draft) and the heatmap's colours
+// a photo to (`boundedSize`; preprocess.DECODE_SIDE_FACTOR and Pillow's JPEG draft) and the heatmap's colours
 // (`TURBO`, explain.py); tests/test_web.py compares both sides' results.
 
 const VENDOR = new URL("./vendor/onnxruntime-web/", import.meta.url).href;
@@ -51,16 +51,19 @@ export async function load() {
   return engine;
 }
 
-// The size the decoder hands the graph (graphs.bound_photo_size; for a JPEG first the reduction Pillow's
-// draft makes on the server: the largest of 1/2, 1/4, 1/8 that keeps the shorter side at least `size`).
+// The size the decoder hands the graph: for a JPEG first the reduction Pillow's draft makes on the server
+// (the largest of 1/2, 1/4, 1/8 that keeps the shorter side at least `factor` x `size`:
+// preprocess.DECODE_SIDE_FACTOR), then a shorter side of at most `factor` x `size`. A photo up to that size
+// reaches the graph as decoded, and the graph's antialiased resize is its only one, as Pillow's is on the server.
 export function boundedSize(width, height, size, factor, jpeg) {
   let w = width;
   let h = height;
   if (jpeg) {
-    const scale = size / Math.min(w, h);
-    const want = [Math.ceil(w * scale), Math.ceil(h * scale)];
+    const scale = (factor * size) / Math.min(w, h);
+    // as preprocess.decode_image asks and Pillow's JpegImageFile.draft picks
+    const want = [Math.max(1, Math.floor(w * scale + 0.999)), Math.max(1, Math.floor(h * scale + 0.999))];
     for (const k of [8, 4, 2]) {
-      if (Math.ceil(w / k) >= want[0] && Math.ceil(h / k) >= want[1]) {
+      if (Math.floor(w / want[0]) >= k && Math.floor(h / want[1]) >= k) {
         [w, h] = [Math.ceil(w / k), Math.ceil(h / k)];
         break;
       }
