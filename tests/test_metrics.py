@@ -16,6 +16,7 @@ from skinscan.metrics import (
     ece_if_calibrated,
     expected_calibration_error,
     fit_temperature,
+    operating_threshold,
     reliability_bins,
     roc_auc,
     sigmoid,
@@ -181,6 +182,31 @@ def test_threshold_property(scores: list[tuple[bool, int]], target: float) -> No
 def test_threshold_needs_positives() -> None:
     with pytest.raises(ValueError, match="no positive"):
         threshold_for_sensitivity([0, 0, 0], [0.1, 0.2, 0.3], 0.95)
+
+
+def test_operating_threshold_holds_the_target_in_every_source_with_enough_cancers() -> None:
+    # three sources: "easy" separates well, "hard" barely, "few" has 3 cancers (below min_cancers)
+    rng = np.random.default_rng(3)
+    parts = [("easy", 400, 2.0), ("hard", 300, 0.5), ("few", 40, 0.0)]
+    y = np.concatenate(
+        [np.r_[np.ones(3 if s == "few" else n // 3), np.zeros(n - (3 if s == "few" else n // 3))] for s, n, _ in parts]
+    )
+    sep = np.concatenate([np.full(n, d) for _, n, d in parts])
+    logits = rng.normal(sep * (2 * y - 1), 1.0)
+    sources = [s for s, n, _ in parts for _ in range(n)]
+    temperature, threshold, own = operating_threshold(logits, y, sources, 0.95, min_cancers=5)
+    assert temperature == pytest.approx(fit_temperature(logits, y))
+    assert set(own) == {"easy", "hard"} and threshold == min(own.values())
+    p, src = sigmoid(logits / temperature), np.array(sources)
+    for s in ("easy", "hard"):
+        m = (src == s) & (y == 1)
+        assert (p[m] >= threshold).mean() >= 0.95
+    assert own["hard"] < own["easy"]  # the hard source sets the one threshold
+    # pooled: the target on all records at once, never stricter than every source's
+    _, pooled, none = operating_threshold(logits, y, sources, 0.95, min_cancers=5, every_source=False)
+    assert none == {} and pooled == threshold_for_sensitivity(y, p, 0.95) and pooled >= threshold
+    # no source with enough cancers: pooled as well
+    assert operating_threshold(logits, y, sources, 0.95, min_cancers=1000)[1] == pooled
 
 
 # ---------------------------------------------------------------- bootstrap intervals

@@ -186,15 +186,10 @@ def decision_rule(
     rule = {}
     for t in sorted(set(types)):
         m = types == t
-        temperature = metrics.fit_temperature(logits[m], y[m])
-        p = metrics.sigmoid(logits / temperature)
-        per_source = [
-            metrics.threshold_for_sensitivity(y[m & (src == s)], p[m & (src == s)], target)
-            for s in sorted(set(src[m]))
-            if every_source and y[m & (src == s)].sum() >= min_cancers
-        ]
-        threshold = min(per_source) if per_source else metrics.threshold_for_sensitivity(y[m], p[m], target)
-        rule[t] = {"temperature": float(temperature), "threshold": float(threshold)}
+        temperature, threshold, _ = metrics.operating_threshold(
+            logits[m], y[m], src[m], target, min_cancers=min_cancers, every_source=every_source
+        )
+        rule[t] = {"temperature": temperature, "threshold": threshold}
     return rule
 
 

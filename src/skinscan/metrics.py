@@ -85,6 +85,31 @@ def threshold_for_sensitivity(y: Sequence[int], p: Sequence[float], target: floa
     return float(pos[k - 1])
 
 
+def operating_threshold(
+    logits: np.ndarray,
+    y: np.ndarray,
+    sources: Sequence[str],
+    target: float,
+    *,
+    min_cancers: int,
+    every_source: bool = True,
+) -> tuple[float, float, dict[str, float]]:
+    """(temperature, threshold, {source: its own threshold}): a temperature fitted on all `logits`, then the
+    highest threshold that keeps sensitivity >= `target` in every source with at least `min_cancers` cancers
+    (on all records pooled if none has, or with `every_source=False`). The one rule behind the exported
+    model's boundary (`train.operating_point`) and leave-one-source-out's per-type rules (`loso.decision_rule`)."""
+    logits, y, src = np.asarray(logits), np.asarray(y), np.asarray(sources)
+    temperature = fit_temperature(logits, y)
+    p = sigmoid(logits / temperature)
+    own = {
+        str(s): threshold_for_sensitivity(y[src == s], p[src == s], target)
+        for s in sorted(set(src.tolist()))
+        if every_source and y[src == s].sum() >= min_cancers
+    }
+    threshold = min(own.values()) if own else threshold_for_sensitivity(y, p, target)
+    return float(temperature), float(threshold), own
+
+
 @dataclass(frozen=True)
 class BinaryMetrics:
     n: int

@@ -188,17 +188,11 @@ def _stamps(cfg: TrainConfig) -> dict | None:
 
 def operating_point(logits: np.ndarray, y: np.ndarray, sources: list[str], groups: list[str], target: float) -> dict:
     """Temperature on all validation images; threshold = the highest that keeps sensitivity >= target in
-    EVERY source (with >= 5 cancers), so one threshold serves archive and phone photos alike."""
-    temperature = metrics.fit_temperature(logits, y)
+    EVERY source (with >= 5 cancers), so one threshold serves archive and phone photos alike
+    (`metrics.operating_threshold`), with the validation figures at it."""
+    temperature, threshold, per_source_thr = metrics.operating_threshold(logits, y, sources, target, min_cancers=5)
     prob = metrics.sigmoid(logits / temperature)
-    src = np.array(sources)
-    per_source_thr = {}
-    for s in sorted(set(sources)):
-        m = src == s
-        if y[m].sum() >= 5:
-            per_source_thr[s] = metrics.threshold_for_sensitivity(y[m], prob[m], target)
-    threshold = min(per_source_thr.values()) if per_source_thr else metrics.threshold_for_sensitivity(y, prob, target)
-    g = np.array(groups)
+    src, g = np.array(sources), np.array(groups)
     per_source = {
         s: metrics.binary_metrics(y[src == s], prob[src == s], threshold, list(g[src == s])).to_dict()
         for s in sorted(set(sources))
