@@ -112,6 +112,30 @@ def test_int8_quantisation_keeps_the_card_and_stays_close(tiny_run, tmp_path):
     assert np.abs(a - b).mean() < 0.1
 
 
+def test_the_weights_digest_survives_a_card_rewrite_and_is_parsed_once(tiny_run, tmp_path, monkeypatch):
+    # an export embeds the same photos several times (photo types, gate); the cache of those outputs is keyed
+    # by the graph and weights, so a rewritten card keeps it, and each file version is parsed once
+    import onnx
+
+    from skinscan.card import write_card
+    from skinscan.export import _weights_digest, quantize_int8
+
+    _, out, _ = tiny_run
+    images = validation_image_paths(out, limit=4)
+    fp32 = export(out, tmp_path, name="tiny", version_tag="test", check_images=images)
+    parsed = []
+    load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda path, *a, **k: parsed.append(path) or load(path, *a, **k))
+    first = _weights_digest(fp32)
+    assert _weights_digest(fp32) == first and len(parsed) == 1
+    card = Predictor(fp32).card.model_dump()
+    write_card(fp32, card | {"version": "rewritten"})
+    assert Predictor(fp32).card.version == "rewritten"
+    assert _weights_digest(fp32) == first  # a new file version: parsed again, the same weights
+    int8 = quantize_int8(fp32, images, tmp_path / "tiny-int8.onnx")
+    assert _weights_digest(int8) != first
+
+
 def test_runs_with_one_split_seed_export_as_one_ensemble(tiny_run, tmp_path, isic_mvb):
     from skinscan.errors import SkinscanError
     from skinscan.export import ensemble_calibration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import platform
@@ -411,10 +412,17 @@ _INFERRED: dict[tuple[str, tuple[str, ...]], tuple[dict[str, np.ndarray], list[i
 
 
 def _weights_digest(onnx_path: Path) -> str:
-    """A digest of the graph and its weights, not of the card: rewriting the card keeps the outputs."""
+    """A digest of the graph and its weights, not of the card: rewriting the card keeps the outputs. Parsing
+    the file takes about a second, so it is done once per file version (path, size, modification time)."""
+    stat = Path(onnx_path).stat()
+    return _graph_digest(str(Path(onnx_path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _graph_digest(path: str, size: int, mtime_ns: int) -> str:
     import onnx
 
-    return hashlib.sha256(onnx.load(str(onnx_path)).graph.SerializeToString()).hexdigest()
+    return hashlib.sha256(onnx.load(path).graph.SerializeToString()).hexdigest()
 
 
 def _infer(
