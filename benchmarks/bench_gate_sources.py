@@ -10,10 +10,11 @@ says it still refuses what is not a lesion. Then the gate fitted on every source
 its refusals in-sample, the fit's own cross-fitted "not a lesion" rejection per source, and (`--outer-folds`,
 default 5) the whole fit cross-fitted: each grouped fold judged by the gate fitted on the other folds.
 
-Every record of the four datasets (isic-mvb: both splits) is embedded once with the model, through the
-Predictor's preprocessing (`export._infer`, what `add_quality_gate` fits on); the pixel measures and
-shorter sides come from `Predictor.decode`, as served. Both are cached in `--cache`, one .npz per model
-(keyed by its sha256, rows by record uid): a rerun embeds nothing.
+Every record of the four datasets (isic-mvb: both splits) is decoded once, as served (`Predictor.decode`:
+the network input, the pixel measures and the shorter side), and embedded with the model: the embeddings
+`add_quality_gate` fits on (`export._infer` reads the same pixels; equal to the last bit on 32 photos
+checked). Cached in `--cache`, one .npz per model (keyed by its sha256, rows by record uid): a rerun
+embeds nothing.
 
     python benchmarks/bench_gate_sources.py --out benchmarks/results/gate-sources-default
     python benchmarks/bench_gate_sources.py --limit-per-source 30 --out /tmp/gate-sources
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from skinscan.data import IMAGE_SUFFIXES, Record, load_dataset
-from skinscan.export import _infer, _picture
+from skinscan.export import _picture
 from skinscan.graphs import MEASURES
 from skinscan.loso import GateInputs, gate_loso
 from skinscan.phototype import SOURCE_PHOTO_TYPE
@@ -85,18 +86,21 @@ def embed_cached(
 
     with tqdm(total=len(todo), desc="gate inputs", unit="img", disable=not todo) as bar:
         for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            out, kept = _infer(predictor, [p for _, p in part], "gate inputs", batch_size, progress=False)
-            for row, i in enumerate(kept):
-                decoded = predictor.decode(part[i][1])
-                if decoded.error is not None:
-                    unreadable.add(part[i][0])
-                    continue
-                measures = np.array([decoded.measures[k] for k in MEASURES], dtype=np.float32)
-                stored[part[i][0]] = (out["embedding"][row], measures, decoded.shorter_side or 0)
-            unreadable.update(part[i][0] for i in sorted(set(range(len(part))) - set(kept)))
+            for first in range(start, min(start + chunk, len(todo)), batch_size):
+                batch = []
+                for uid, path in todo[first : min(first + batch_size, start + chunk, len(todo))]:
+                    decoded = predictor.decode(path)  # once: the network input, pixel measures and side, as served
+                    if decoded.error is not None:
+                        unreadable.add(uid)
+                    else:
+                        batch.append((uid, decoded))
+                    bar.update(1)
+                if batch:
+                    embeddings = predictor.run(np.stack([d.image for _, d in batch]))["embedding"]
+                    for (uid, d), embedding in zip(batch, embeddings, strict=True):
+                        measures = np.array([d.measures[k] for k in MEASURES], dtype=np.float32)
+                        stored[uid] = (embedding, measures, d.shorter_side or 0)
             _save(cache, predictor.sha256, stored, unreadable)
-            bar.update(len(part))
     return stored, unreadable
 
 
