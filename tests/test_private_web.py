@@ -63,13 +63,19 @@ def _photos(tmp: Path, data_root: Path) -> list[Path]:
 
 
 class DevicePage:
-    def __init__(self, chromium, url: str) -> None:
+    def __init__(self, chromium, url: str, cores: int | None = None) -> None:
         self.context = chromium.new_context()
         self.context.set_default_timeout(120_000)
+        if cores:  # a browser that reports this many cores
+            self.context.add_init_script(
+                f"Object.defineProperty(navigator, 'hardwareConcurrency', {{get: () => {cores}}})"
+            )
         self.page = self.context.new_page()
         self.requests: list[tuple[str, str]] = []
         self.errors: list[str] = []
+        self.failed: list[str] = []
         self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        self.page.on("requestfailed", lambda r: self.failed.append(f"{r.url}: {r.failure}"))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.goto(url + "/")
         self.page.wait_for_selector("html[data-ready='true']")
@@ -138,6 +144,25 @@ def test_device_checks_agree_with_the_server(device_run, server) -> None:
     assert np.median(diffs) <= HEATMAP_TOLERANCE / 3, np.median(diffs)  # maps: most agree well inside it
     # the bar: at least 98 of 100 agree (probability, decision, verdict and map; measured: 100)
     assert agree >= len(photos) - len(photos) // 50, rows
+
+
+def test_device_checks_run_on_threads_where_the_page_is_cross_origin_isolated(browser, server) -> None:  # noqa: F811
+    # ONNX Runtime takes half the cores (at most 4) where SharedArrayBuffer is there: a browser reporting 4
+    # cores checks on 2 WebAssembly threads (module workers, which need the worker script's COEP header),
+    # one reporting 2 on one; both give the same result
+    photo = REPO / "examples" / "phone-malignant-bcc.jpg"
+    results = {}
+    for cores in (4, 2):
+        page = DevicePage(browser, server, cores=cores)
+        assert page.page.evaluate("self.crossOriginIsolated")
+        results[cores] = page.check(photo)
+        assert not page.failed and not page.errors, (page.failed, page.errors)
+        page.context.close()
+    assert results[4]["mode"] == results[2]["mode"] == "device"
+    assert (results[4]["threads"], results[2]["threads"]) == ("2", "1")
+    assert float(results[4]["probability"]) == pytest.approx(float(results[2]["probability"]), abs=1e-4)
+    headers = httpx.get(f"{server}/web/vendor/onnxruntime-web/ort-wasm-simd-threaded.mjs").headers
+    assert headers["cross-origin-embedder-policy"] == "require-corp"
 
 
 def test_the_page_bounds_a_photo_as_the_server_decodes_it(browser, server) -> None:  # noqa: F811

@@ -928,6 +928,11 @@ _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 _IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable", "Cross-Origin-Resource-Policy": "same-origin"}
+_WORKER_HEADERS = {
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def create_app(settings: Settings | None = None, *, predictor: Predictor | None = None) -> FastAPI:
@@ -1240,6 +1245,14 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         if "gzip" in request.headers.get("accept-encoding", ""):
             return Response(data, media_type="application/wasm", headers={**headers, "Content-Encoding": "gzip"})
         return Response(gzip.decompress(data), media_type="application/wasm", headers=headers)
+
+    @app.get("/web/vendor/onnxruntime-web/ort-wasm-simd-threaded.mjs", include_in_schema=False)
+    async def runtime_worker() -> FileResponse:
+        # the runtime starts its threads as module workers of this script: under the page's COEP a worker's
+        # script must declare COEP itself, or Chromium blocks it (net::ERR_BLOCKED_BY_RESPONSE)
+        return FileResponse(
+            runtime_wasm.with_name("ort-wasm-simd-threaded.mjs"), media_type="text/javascript", headers=_WORKER_HEADERS
+        )
 
     def private() -> PrivateBundle:
         if settings.browser_model.lower() == "none":

@@ -471,6 +471,7 @@ function showResult(body, { combined = false, retry = null } = {}) {
   const retake = quality.verdict === "retake";
   // for programs and the browser tests: what was estimated, and where
   node.dataset.mode = body.mode || "server";
+  if (body.threads) node.dataset.threads = String(body.threads); // WebAssembly threads of an on-device check
   if (hasProbability) node.dataset.probability = String(body.probability);
   if (body.decision) node.dataset.decision = body.decision;
   if (quality.verdict) node.dataset.quality = quality.verdict;

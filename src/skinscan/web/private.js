@@ -36,9 +36,9 @@ export async function load() {
   const meta = await manifest();
   const ort = await import("./vendor/onnxruntime-web/ort.wasm.min.mjs");
   ort.env.wasm.wasmPaths = VENDOR;
-  // one thread: with 2 threads (cross-origin isolated) the first session hung in headless Chromium here; see
-  // docs/private-mode.md
-  ort.env.wasm.numThreads = 1;
+  // threads: ONNX Runtime's own choice (half the cores, at most 4) where the page is cross-origin isolated,
+  // one where it is not. Its threads are module workers of ort-wasm-simd-threaded.mjs, which the server sends
+  // with COEP (service.py), or Chromium blocks them and the first session never finishes.
   ort.env.wasm.proxy = false;
   const base = new URL("..", MANIFEST).href; // the site's root
   const open = async (path) => {
@@ -147,6 +147,7 @@ export async function check(file, { force = false } = {}) {
     square: pre.square,
     model: { name: meta.name, version: meta.version, sha256: meta.sha256 },
     mode: "device",
+    threads: ort.env.wasm.numThreads,
     timing_ms: { decode: t1 - t0, infer: t2 - t1 },
   };
 }
