@@ -165,6 +165,33 @@ def test_device_checks_run_on_threads_where_the_page_is_cross_origin_isolated(br
     assert headers["cross-origin-embedder-policy"] == "require-corp"
 
 
+def test_a_heic_photo_is_checked_on_the_device_or_sent_only_when_asked(browser, server, tmp_path) -> None:  # noqa: F811
+    # Chromium on Linux cannot decode HEIC (phones save it): the page must ask before it sends the file as it
+    # is (its metadata cannot be removed), and send nothing until then; a browser that decodes it checks it on
+    # the device, in agreement with the server
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    heic = tmp_path / "phone-photo.heic"
+    Image.open(REPO / "examples" / "phone-malignant-bcc.jpg").save(heic, quality=90)
+    ref = httpx.post(f"{server}/v1/predict", files={"file": heic.read_bytes()}, timeout=60).json()
+    page = DevicePage(browser, server)
+    start = len(page.requests)
+    page.page.set_input_files("#file-input", str(heic))
+    el = page.page.wait_for_selector(".outcome, .error-box, .ask-upload")
+    if el.get_attribute("data-mode") == "device":  # this browser decodes HEIC
+        assert abs(float(el.get_attribute("data-probability")) - ref["probability"]) <= 0.02
+    else:
+        assert "cannot read this file" in el.inner_text() and "ask-upload" in el.get_attribute("class")
+        assert all(method == "GET" for method, _ in page.requests[start:]), page.requests[start:]
+        page.page.click(".ask-send")
+        attrs = page.page.evaluate("(el) => Object.assign({}, el.dataset)", page.page.wait_for_selector(".outcome"))
+        assert attrs["mode"] == "server" and float(attrs["probability"]) == pytest.approx(ref["probability"], abs=1e-6)
+        assert [m for m, u in page.requests[start:] if m == "POST"] == ["POST"]
+    assert not page.errors, page.errors
+    page.context.close()
+
+
 def test_the_page_bounds_a_photo_as_the_server_decodes_it(browser, server) -> None:  # noqa: F811
     """The one size arithmetic JavaScript keeps (private.js `boundedSize`): for a JPEG the reduction Pillow's
     draft makes in `load_pixels`, then the bound. Up to DECODE_SIDE_FACTOR x the model's size both sides hand

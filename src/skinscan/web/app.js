@@ -124,6 +124,11 @@ async function checkOnDevice(photo, { force = false } = {}) {
   try {
     body = await device.check(photo.file, { force });
   } catch (err) {
+    if (!photo.url && privateMode.hasServer) {
+      // a file this browser cannot read (HEIC on most desktop browsers): only the server can check it, if asked
+      const reason = "This browser cannot read this file, so it cannot check it on this device; the skinscan server can.";
+      return askUpload(photo, () => check(photo, { force }), reason);
+    }
     showError(`This photo could not be checked on this device (${err.message || err}).`, "device_failed", photo);
     return;
   }
@@ -137,12 +142,13 @@ async function checkOnDevice(photo, { force = false } = {}) {
   updateLesionControls();
 }
 
-// Before anything is uploaded where the person has not chosen the server: ask.
-function askUpload(photo, send) {
+// Before anything is uploaded where the person has not chosen the server: ask (`reason`: why not on the device).
+function askUpload(photo, send, reason = "") {
   if (privateMode.uploadAllowed && photo.stripped) return send();
   const node = fromTemplate("tpl-ask-upload");
   const why = [];
-  if (!privateMode.uploadAllowed) why.push("This browser cannot check photos on this device, so the photo would be checked on the skinscan server.");
+  if (reason) why.push(reason);
+  else if (!privateMode.uploadAllowed) why.push("This browser cannot check photos on this device, so the photo would be checked on the skinscan server.");
   if (!photo.stripped) why.push("This browser cannot read this file, so it cannot remove the file's metadata (such as the place it was taken) before sending it.");
   node.querySelector(".ask-upload-why").textContent = why.join(" ");
   node.querySelector(".ask-send").addEventListener("click", () => {
