@@ -348,15 +348,18 @@ def main() -> None:
     holdout = [p for p in halves["holdout"] if f"nonlesion/holdout/{p.name}" in stored]
 
     t = time.perf_counter()
-    result = gate_loso(
-        records,
-        as_inputs(stored, [r.uid for r in records]),
-        as_inputs(stored, [f"nonlesion/tune/{p.name}" for p in tune]),
-        [_picture(p) for p in tune],
-        as_inputs(stored, [f"nonlesion/holdout/{p.name}" for p in holdout]),
-        outer_folds=args.outer_folds,
-        progress=lambda message: print(message, flush=True),
-    )
+    try:
+        result = gate_loso(
+            records,
+            as_inputs(stored, [r.uid for r in records]),
+            as_inputs(stored, [f"nonlesion/tune/{p.name}" for p in tune]),
+            [_picture(p) for p in tune],
+            as_inputs(stored, [f"nonlesion/holdout/{p.name}" for p in holdout]),
+            outer_folds=args.outer_folds,
+            progress=lambda message: print(message, flush=True),
+        )
+    except ValueError as exc:  # too few photos for a fit (a small --limit-per-source): say so, no traceback
+        raise SystemExit(f"bench_gate_sources: {exc}; raise --limit-per-source (30 per source is enough)") from None
     command = "python benchmarks/bench_gate_sources.py" + "".join(
         f" --{k} {v}"
         for k, v in (
