@@ -275,7 +275,7 @@ def _model_folders(keys: list[str]) -> set[str]:
 def test_offline_after_one_visit(browser) -> None:  # noqa: F811
     proc, url = _server()
     try:
-        page = DevicePage(browser, url)
+        page = DevicePage(browser, url, cores=4)  # on 2 threads: the worker script comes from the cache too
         version = page.page.inner_text("#model-info")
         _cached(page)
     finally:
@@ -284,7 +284,7 @@ def test_offline_after_one_visit(browser) -> None:  # noqa: F811
     page.page.reload()
     page.page.wait_for_selector("html[data-ready='true']")
     attrs = page.check(REPO / "examples" / "isic-malignant-1.jpg")
-    assert attrs.get("mode") == "device" and float(attrs["probability"]) > 0.5
+    assert attrs.get("mode") == "device" and attrs.get("threads") == "2" and float(attrs["probability"]) > 0.5
     assert "version" in version and page.page.inner_text("#model-info").split(" (")[0] == version.split(" (")[0]
     page.context.close()
 
