@@ -188,6 +188,7 @@ def test_a_heic_photo_is_checked_on_the_device_or_sent_only_when_asked(browser, 
         attrs = page.page.evaluate("(el) => Object.assign({}, el.dataset)", page.page.wait_for_selector(".outcome"))
         assert attrs["mode"] == "server" and float(attrs["probability"]) == pytest.approx(ref["probability"], abs=1e-6)
         assert [m for m, u in page.requests[start:] if m == "POST"] == ["POST"]
+        assert "on the skinscan server" in page.page.inner_text("#model-info")  # not "on this device"
     assert not page.errors, page.errors
     page.context.close()
 

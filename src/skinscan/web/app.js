@@ -138,7 +138,7 @@ async function checkOnDevice(photo, { force = false } = {}) {
   lesion.answered = true;
   showResult(body, { retry: () => checkOnDevice(photo, { force: true }) });
   if (lesion.selected === photo) showHeatmap(photo);
-  showModel(body.model);
+  showModel(body.model, "device");
   updateLesionControls();
 }
 
@@ -257,7 +257,7 @@ async function check(photo, { force = false } = {}) {
   lesion.answered = true;
   showResult(body, { retry: () => check(photo, { force: true }) });
   if (lesion.selected === photo) showHeatmap(photo);
-  showModel(body.model);
+  showModel(body.model, "server");
   updateLesionControls();
 }
 
@@ -289,7 +289,7 @@ async function checkLesion({ force = lesion.forced } = {}) {
   lesion.answered = true;
   showResult(body.combined || {}, { combined: true, retry: () => checkLesion({ force: true }) });
   renderThumbs();
-  showModel(body.model);
+  showModel(body.model, "server");
   updateLesionControls();
   if (lesion.selected) showHeatmap(lesion.selected);
 }
@@ -324,7 +324,7 @@ async function loadModelInfo() {
     if (response.ok) {
       const meta = await response.json();
       privateMode.answers = Array.isArray(meta.answers) && meta.answers.length > 0;
-      if (privateMode.mode === "server") showModel(meta.model);
+      if (privateMode.mode === "server") showModel(meta.model, "server");
       $("questions").hidden = privateMode.mode === "device" || !privateMode.answers;
     }
   } catch {
@@ -445,9 +445,12 @@ function applyHeatmapControls() {
   $("heatmap-opacity-value").textContent = `${strength}%`;
 }
 
-function showModel(model) {
+// `checked`: where the result shown was made ("device" or "server"). A server result in private mode is
+// one the person chose to send (a file this browser cannot read): the line says so.
+function showModel(model, checked = privateMode.mode) {
   if (!model) return;
-  const where = privateMode.mode === "device" ? " (on this device)" : "";
+  const where =
+    checked === "device" ? " (on this device)" : privateMode.mode === "device" ? " (on the skinscan server, as you chose)" : "";
   $("model-info").textContent = `Model: ${model.name}, version ${model.version}${where}`;
   $("footer-model").textContent = `skinscan · model ${model.name} ${model.version}`;
 }
