@@ -1069,6 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--address", help="Ray cluster for the replicas (default: RAY_ADDRESS, else Ray on this machine)")
     p.set_defaults(func=cmd_serve)
     _add_site_parser(sub)
+    _add_pack_parser(sub)
     return parser
 
 
@@ -1077,6 +1078,53 @@ def _reexec_with_malloc_tuning() -> None:
     if sys.platform.startswith("linux") and not all(k in os.environ for k in _MALLOC_ENV):
         env = {**os.environ, **_MALLOC_ENV}
         os.execve(sys.executable, [sys.executable, "-m", "skinscan", *sys.argv[1:]], env)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack_datasets
+    from .preprocess import PreprocessSpec
+
+    info = pack_datasets(
+        _data_root(args),
+        args.datasets,
+        Path(args.out),
+        spec=PreprocessSpec(size=args.image_size),
+        quality=args.quality,
+        max_mb=args.max_mb,
+        threads=args.threads,
+    )
+    print(
+        f"packed {info['images']} images of {', '.join(info['datasets'])} into {args.out}: "
+        f"{info['bytes'] / 1e6:.1f} MB ({info['size']} px squares, WebP quality {info['quality']})"
+        + (f"; {len(info['unreadable'])} unreadable, left out" if info["unreadable"] else "")
+    )
+    return 0
+
+
+def _add_pack_parser(sub) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="a small copy of the datasets for a lent GPU (WebP squares, labels as they are)",
+        description="Write a copy of the datasets for a machine that cannot read ../shared (a lent GPU receives "
+        "only the repository, 64 MiB in all): every image replaced, under its own name, by the square training "
+        "reads of it (the model's input size) as WebP; labels and manifests copied. Train or run loso there "
+        "with --data-root OUT. Example: skinscan pack .pack/datasets --max-mb 36",
+    )
+    p.add_argument("out", help="folder to write (must be new or empty; keep it git-ignored)")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["isic-mvb", "pad-ufes-20-phone", "isic-archive-more", "clinical-atlas"],
+        help="dataset folders under the data root (default: all four)",
+    )
+    p.add_argument("--data-root", help=f"folder holding the datasets (default ${DATA_ROOT_ENV} or {DEFAULT_DATA_ROOT})")
+    p.add_argument("--image-size", type=int, default=224, help="side of the squares (the model's input; default 224)")
+    p.add_argument(
+        "--quality", type=int, default=50, help="WebP quality 1-100 (default 50: all four datasets in 34 MB)"
+    )
+    p.add_argument("--max-mb", type=float, help="fail if the pack is larger (e.g. what is left of the 64 MiB)")
+    p.add_argument("--threads", type=int, default=2, help="images encoded at once (default 2)")
+    p.set_defaults(func=cmd_pack)
 
 
 def cmd_site(args: argparse.Namespace) -> int:
