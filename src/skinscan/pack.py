@@ -58,9 +58,8 @@ def pack_datasets(
         if not root.is_dir():
             raise SkinscanError(f"dataset {name!r} not found under {data_root} (set --data-root)")
         files += [(p, out / name / p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file()]
-    for name in ("README.md",):
-        if (Path(data_root) / name).is_file():
-            files.append((Path(data_root) / name, out / name))
+    if (Path(data_root) / "README.md").is_file():  # what the datasets are and their licences
+        files.append((Path(data_root) / "README.md", out / "README.md"))
     images = [(src, dst) for src, dst in files if src.suffix.lower() in IMAGE_SUFFIXES]
     others = [(src, dst) for src, dst in files if src.suffix.lower() not in IMAGE_SUFFIXES]
     for src, dst in others:

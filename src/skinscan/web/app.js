@@ -126,7 +126,7 @@ async function checkOnDevice(photo, { force = false } = {}) {
   } catch (err) {
     if (!photo.url && privateMode.hasServer) {
       // a file this browser cannot read (HEIC on most desktop browsers): only the server can check it, if asked
-      const reason = "This browser cannot read this file, so it cannot check it on this device; the skinscan server can.";
+      const reason = "This photo cannot be checked on this device, but the skinscan server can check it.";
       return askUpload(photo, () => check(photo, { force }), reason);
     }
     showError(`This photo could not be checked on this device (${err.message || err}).`, "device_failed", photo);
