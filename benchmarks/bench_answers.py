@@ -1,8 +1,11 @@
 """Clinical answers (skinscan.answers), measured: image only, answers only, image + answers.
 
-Cross-validated figures (always): the phone photos outside the locked box (468 photos of 346 patients),
-with the out-of-fold image logits of an ablation recipe (benchmarks/ablation_phone.py; recipe C by
-default: archive + phone photos + phone augmentation, 3-fold patient-grouped CV). The adjustments are
+Cross-validated figures (always): the phone photos that out-of-fold image logits cover: those of an
+ablation recipe (benchmarks/ablation_phone.py; recipe C by default: archive + phone photos + phone
+augmentation, 3-fold patient-grouped CV on the 468 photos outside the retired locked box), or with
+`--oof RUN/oof.csv` those of a K-fold run of any recipe (`skinscan train --config
+configs/skinscan-sources.yaml --set folds=5`: every phone photo, each scored by the fold model that did
+not train on its patient). The adjustments are
 cross-fitted by patient: 5 patient-grouped folds; each fold's answers are adjusted by adjustments fitted
 on the other four folds (the temperature of the image logits too). Settings:
 - image only: the calibrated out-of-fold image logit;
@@ -23,6 +26,7 @@ card (`skinscan fit-answers`); answers only from a fit on the 468 photos. Adds t
 bootstrap interval of the AUC difference (image + answers minus image only) on the complete records.
 
     python benchmarks/bench_answers.py --out benchmarks/results/answers
+    python benchmarks/bench_answers.py --oof runs/cv-sources/oof.csv --out benchmarks/results/answers-sources
     python benchmarks/bench_answers.py --lockbox --out benchmarks/results/answers    # the shipped model
 """
 
@@ -128,7 +132,7 @@ def score(section: dict, offset: np.ndarray, answers: Sequence[Answers]) -> np.n
 # ---------------------------------------------------------------- data
 def phone_records(data: Path, oof_path: Path, recipe: str, lockbox: Path | None) -> tuple[dict, str, list, set]:
     records = {r.uid: r for r in load_dataset(data)}
-    name, oof = read_oof_logits(oof_path, recipe)
+    name, oof = read_oof_logits(oof_path, recipe, sources={r.source for r in records.values()})
     locked = read_patient_list(lockbox) if lockbox else set()
     if any(records[k].patient in locked for k in oof):
         raise SystemExit("the out-of-fold logits include locked-box patients: refusing to fit on them")
@@ -279,7 +283,7 @@ def markdown(result: dict) -> str:
     n = {s: cv[s]["image only"]["n"] for s in SUBSETS}
     lines = [
         f"Clinical answers: ROC AUC [patient-grouped bootstrap 95% CI]. Cross-validated: the {n['all']} phone photos "
-        f"outside the locked box, out-of-fold image logits of {result['recipe']!r}, adjustments cross-fitted "
+        f"of the out-of-fold image logits of {result['recipe']!r}, adjustments cross-fitted "
         f"over {result['folds']} patient-grouped folds (seed {result['seed']}).",
         "",
         f"| setting | {SUBSET_TITLES['all']} (n={n['all']}) | {SUBSET_TITLES['complete']} (n={n['complete']}) "
@@ -324,7 +328,7 @@ def markdown(result: dict) -> str:
         ]
     lines += [
         "",
-        "Adjustments fitted on all the photos outside the locked box (what `skinscan fit-answers` stores):",
+        f"Adjustments fitted on all {n['all']} photos (what `skinscan fit-answers` stores from the same logits):",
         "",
     ]
     lines += ["| answer | value | odds ratio | records with this value / where known |", "|---|---|---|---|"]
@@ -335,7 +339,12 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "pad-ufes-20-phone"))
-    parser.add_argument("--oof", default=str(REPO / "benchmarks" / "results" / "ablation-phone.json"))
+    parser.add_argument(
+        "--oof",
+        default=str(REPO / "benchmarks" / "results" / "ablation-phone.json"),
+        help="out-of-fold image logits: an ablation results JSON (default, with --recipe) or the oof.csv of a "
+        "K-fold training run (skinscan train ... --set folds=5; its phone rows)",
+    )
     parser.add_argument("--recipe", default="C", help="the ablation recipe whose logits to use (default C)")
     parser.add_argument(
         "--lockbox-list",

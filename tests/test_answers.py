@@ -549,6 +549,51 @@ def test_fit_answers_cli_on_the_phone_set(plain_model: Path, pad_ufes: Path, tmp
     assert "no recipe whose name starts with 'Z'" in capsys.readouterr().err
 
 
+def test_fit_answers_reads_the_oof_csv_of_a_k_fold_run(
+    plain_model: Path, pad_ufes: Path, tmp_path: Path, capsys
+) -> None:
+    """A K-fold run's oof.csv (rows of every source) gives the same fit as the same logits in an ablation file;
+    only the rows of --data's source are used, and an oof.csv without uids is refused with a sentence."""
+    import csv
+
+    pytest.importorskip("onnx")
+    if not OOF.is_file():
+        pytest.skip(f"{OOF} is missing")
+    recipe = next(r for r in json.loads(OOF.read_text()) if r["recipe"].startswith("C"))
+    rows = [
+        {"fold": i % 3, "source": "pad-ufes-20-phone", "key": uid.split("/", 1)[1], "uid": uid, "patient": v[1],
+         "label": v[0], "logit": v[2]}
+        for i, (uid, v) in enumerate(sorted(recipe["oof_phone"].items()))
+    ]  # fmt: skip
+    other = {"fold": 0, "source": "isic-mvb", "key": "train/benign/1.jpg", "uid": "isic-mvb/train/benign/1.jpg",
+             "patient": "", "label": 0, "logit": 9.0}  # fmt: skip
+    run = tmp_path / "cv"
+    run.mkdir()
+    with (run / "oof.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(other))
+        writer.writeheader()
+        writer.writerows([*rows, other])
+    sections = []
+    for oof in ([str(OOF), "--recipe", "C"], [str(run)], [str(run / "oof.csv")]):
+        model = tmp_path / f"{len(sections)}-{plain_model.name}"
+        shutil.copy(plain_model, model)
+        assert main(["fit-answers", "--model", str(model), "--data", str(pad_ufes), "--oof", *oof]) == 0
+        sections.append(Predictor(model).answers_section)
+    assert "3-fold run" in capsys.readouterr().out
+    assert sections[0]["n_records"] == sections[1]["n_records"] == 468  # the isic-mvb row is not a phone photo
+    assert sections[1]["adjustments"] == sections[2]["adjustments"] == sections[0]["adjustments"]
+    assert sections[1]["offset_temperature"] == pytest.approx(sections[0]["offset_temperature"])
+
+    (run / "oof.csv").write_text("fold,source,key,patient,label,logit\n0,pad-ufes-20-phone,x.jpg,P,0,1.0\n")
+    model = tmp_path / plain_model.name
+    shutil.copy(plain_model, model)
+    assert main(["fit-answers", "--model", str(model), "--data", str(pad_ufes), "--oof", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no uid column" in err and "folds=5" in err
+    assert main(["fit-answers", "--model", str(model), "--data", str(pad_ufes), "--oof", str(OOF)]) == 2
+    assert "needs --recipe" in capsys.readouterr().err
+
+
 def test_yes_no_answers_listed() -> None:
     assert set(YES_NO_ANSWERS) <= set(ANSWER_FIELDS) and len(BODY_SITES) == 14
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -613,13 +613,22 @@ def section_from_card(card: Any) -> dict | None:
 
 
 # ---------------------------------------------------------------- inputs and outputs of the fit
-def read_oof_logits(path: str | Path, recipe: str) -> tuple[str, dict[str, tuple[int, str, float]]]:
-    """The out-of-fold phone logits of one recipe in an ablation results file (benchmarks/ablation_phone.py):
-    (the recipe's full name, {"<dataset>/<relative path>": (label, patient id, logit)}). `recipe` is the
-    start of the recipe's name, e.g. "C"."""
+def read_oof_logits(
+    path: str | Path, recipe: str | None = None, sources: Collection[str] | None = None
+) -> tuple[str, dict[str, tuple[int, str, float]]]:
+    """Out-of-fold image logits: (what made them, {"<dataset>/<relative path>": (label, patient id, logit)}).
+
+    `path` is either the `oof.csv` of a K-fold training run (`skinscan train ... --set folds=5`, or the run
+    folder holding it), whose rows of `sources` are kept (every row when None), or an ablation results file
+    of benchmarks/ablation_phone.py, whose recipe named by `recipe` (the start of its name, e.g. "C") gives
+    its out-of-fold phone logits."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() == ".csv":
+        return _read_oof_csv(path / "oof.csv" if path.is_dir() else path, sources)
     import json
 
-    path = Path(path)
+    if not recipe:
+        raise InvalidAnswers(f"--oof {path}: an ablation results file needs --recipe (the recipe whose logits to use)")
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -634,6 +643,28 @@ def read_oof_logits(path: str | Path, recipe: str) -> tuple[str, dict[str, tuple
         raise InvalidAnswers(f"{path}: recipe {found[0]['recipe']!r} has no out-of-fold phone logits (oof_phone)")
     # each value: [label, patient_id, logit, logit with flip TTA, logit on a full frame]: the plain logit
     return str(found[0]["recipe"]), {k: (int(v[0]), str(v[1]), float(v[2])) for k, v in oof.items()}
+
+
+def _read_oof_csv(path: Path, sources: Collection[str] | None) -> tuple[str, dict[str, tuple[int, str, float]]]:
+    """The rows of a K-fold run's oof.csv (see read_oof_logits)."""
+    need = {"fold", "source", "uid", "label", "logit"}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise InvalidAnswers(f"--oof {path}: cannot read it ({exc.strerror or exc})") from None
+    missing = need - set(rows[0] if rows else ())
+    if missing:
+        raise InvalidAnswers(
+            f"--oof {path}: no {', '.join(sorted(missing))} column(s); give the oof.csv of a K-fold training run "
+            "(skinscan train ... --set folds=5) or an ablation results file"
+        )
+    kept = [r for r in rows if sources is None or r["source"] in sources]
+    if not kept:
+        raise InvalidAnswers(f"--oof {path}: no out-of-fold row of {', '.join(sorted(sources or ()))}")
+    folds = len({r["fold"] for r in rows})
+    made_by = f"{folds}-fold run {path.parent.as_posix()}"
+    return made_by, {r["uid"]: (int(r["label"]), r["patient"] or r["uid"], float(r["logit"])) for r in kept}
 
 
 def store_section(onnx_path: str | Path, section: dict) -> Path:

@@ -608,7 +608,7 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
 
     data = _resolve(args, args.data)
     records = {r.uid: r for r in load_dataset(data)}
-    recipe, oof = read_oof_logits(args.oof, args.recipe)
+    recipe, oof = read_oof_logits(args.oof, args.recipe, sources={r.source for r in records.values()})
     unknown = [k for k in oof if k not in records]
     if unknown:
         raise SkinscanError(
@@ -626,7 +626,7 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
         [records[k].group for k in keys],
         l2=args.l2,
         fitted_on={
-            "image_logits": f"{Path(args.oof).as_posix()}, recipe {recipe!r}: out-of-fold, patient-grouped",
+            "image_logits": f"{Path(args.oof).as_posix()}, {recipe}: out-of-fold, patient-grouped",
             "data": Path(data).name,
             "photos": len(keys),
         },
@@ -986,8 +986,13 @@ def build_parser() -> argparse.ArgumentParser:
         "<name>.card.json). Needs the `onnx` package (skinscan[train]).",
     )
     p.add_argument("--model", required=True, help="ONNX model whose card receives the adjustments (rewritten)")
-    p.add_argument("--oof", required=True, help="results JSON of benchmarks/ablation_phone.py with oof_phone logits")
-    p.add_argument("--recipe", required=True, help="the recipe whose logits to use: the start of its name, e.g. C")
+    p.add_argument(
+        "--oof",
+        required=True,
+        help="out-of-fold image logits: the oof.csv of a K-fold run of the model's recipe (skinscan train ... --set "
+        "folds=5; its rows of --data are used), or a results JSON of benchmarks/ablation_phone.py (with --recipe)",
+    )
+    p.add_argument("--recipe", help="with an ablation results JSON: the recipe whose logits to use, e.g. C")
     p.add_argument(
         "--data", default="pad-ufes-20-phone", help="the dataset the logits score (default pad-ufes-20-phone)"
     )

@@ -257,6 +257,7 @@ def train(
                 "fold": k,
                 "source": r.source,
                 "key": r.key,
+                "uid": r.uid,
                 "patient": r.patient or "",
                 "label": r.label,
                 "logit": float(z),
