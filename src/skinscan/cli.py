@@ -367,6 +367,10 @@ def cmd_loso(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.units or []) - set(sources))
     if unknown:
         raise SkinscanError(f"--units: no source named {', '.join(unknown)}; sources: {', '.join(sources)}")
+    if args.in_source_folds == 1 or args.in_source_folds < 0:
+        raise SkinscanError(f"--in-source-folds {args.in_source_folds}: give 2 or more folds, or 0 for none")
+    if args.in_source_only and (args.units or not args.in_source_folds):
+        raise SkinscanError("--in-source-only runs the pooled K-fold alone: leave out --units, keep --in-source-folds")
     out = Path(args.out)
     title = (
         args.title or f"Leave-one-source-out ({args.protocol}): {Path(args.config).stem if args.config else 'config'}"
@@ -385,10 +389,26 @@ def cmd_loso(args: argparse.Namespace) -> int:
             target_sensitivity=cfg.target_sensitivity,
         )
         result = loso.frozen_loso(
-            records, x, recipe, args.units, n_boot=args.bootstrap, progress=None if args.quiet else print
+            records,
+            x,
+            recipe,
+            args.units,
+            in_source_folds=args.in_source_folds,
+            n_boot=args.bootstrap,
+            progress=None if args.quiet else print,
+            held_out=not args.in_source_only,
         )
     else:
-        result = loso.finetune_loso(cfg, records, out, args.units, n_boot=args.bootstrap, progress=not args.quiet)
+        result = loso.finetune_loso(
+            cfg,
+            records,
+            out,
+            args.units,
+            n_boot=args.bootstrap,
+            progress=not args.quiet,
+            in_source_folds=args.in_source_folds,
+            held_out=not args.in_source_only,
+        )
     report = loso.write_report(result, out, title)
     print(loso.table(result))
     print(f"wrote {report}, {out / 'loso.json'} and {out / 'loso.png'}")
@@ -903,7 +923,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default): ImageNet features + logistic-regression heads, drawn like the sampler: minutes on a CPU, "
         "for choosing data and balance. Protocol `finetune`: the whole recipe per source (a GPU's job; on a "
         "CPU a short schedule, --set epochs=3 --set samples_per_epoch=1280, takes about 10 minutes per "
-        "source), keeping each source's logits for benchmarks/bench_decision_rules.py. "
+        "source), keeping each source's logits for benchmarks/bench_decision_rules.py; its in-source run is "
+        "K more trainings (OUT/in-source/, a K-fold `skinscan train`) whose oof.csv is also what "
+        "`skinscan fit-answers --oof` fits the answers on. "
         "Writes loso.json, report.md and loso.png. Needs skinscan[train].",
     )
     p.add_argument("--config", help="training configuration (YAML) whose data and balance are evaluated")
@@ -917,6 +939,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--units", nargs="+", metavar="SOURCE", help="hold out only these sources (default: every one)")
     p.add_argument("--protocol", choices=["frozen", "finetune"], default="frozen", help="(default frozen)")
+    p.add_argument(
+        "--in-source-folds",
+        type=int,
+        default=5,
+        metavar="K",
+        help="folds of the pooled grouped in-source run (default 5; 0: none). finetune: K more trainings, in "
+        "OUT/in-source/, whose oof.csv also feeds `skinscan fit-answers --oof`",
+    )
+    p.add_argument("--in-source-only", action="store_true", help="only the in-source run: no held-out unit")
     p.add_argument("--out", required=True, help="report folder (finetune: also the runs)")
     p.add_argument("--cache", default="runs/features", help="where frozen features are cached (default runs/features)")
     p.add_argument("--title", help="the report's title")

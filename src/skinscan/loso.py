@@ -293,12 +293,14 @@ def frozen_loso(
     seed: int = 0,
     n_boot: int = 1000,
     progress: Callable[[str], None] | None = None,
+    held_out: bool = True,
 ) -> dict:
     """The frozen protocol's table: per held-out unit, figures of heads trained on the other sources (the
     decision rule from their inner out-of-fold scores); and per source, the pooled in-source K-fold
-    figures (each fold's rule from inner folds of its own training part)."""
+    figures (each fold's rule from inner folds of its own training part; none when `in_source_folds` is 0).
+    `held_out=False`: the in-source figures alone."""
     records = list(records)
-    units = list(units or sorted({r.source for r in records}))
+    units = list(units or sorted({r.source for r in records})) if held_out else []
     src = np.array([r.source for r in records])
     allowed = np.ones(len(records), bool) if recipe.sources is None else np.isin(src, recipe.sources)
     out: dict = {"recipe": recipe.__dict__, "held_out": {}, "in_source": {}}
@@ -316,6 +318,8 @@ def frozen_loso(
         out["held_out"][unit] = unit_figures(test, p, t, s.diagnosis, n_boot) | {"rule": rule}
         if unit == "pad-ufes-20-phone":
             out["held_out"][unit]["phone_diagnoses"] = diagnosis_figures(test, s.diagnosis, PHONE_DIAGNOSES)
+    if not in_source_folds:
+        return out
     # in-source: one pooled grouped K-fold over the allowed sources
     pool = np.flatnonzero(allowed)
     pooled = [records[i] for i in pool]
@@ -350,17 +354,23 @@ def finetune_loso(
     units: Sequence[str] | None = None,
     n_boot: int = 1000,
     progress: bool = True,
+    in_source_folds: int = 5,
+    held_out: bool = True,
 ) -> dict:
     """The whole training recipe per held-out unit: `train.train(cfg without that source)` into
     `out/held-out-<unit>/` (resumed where a run is there), the decision rule from that run's validation
     predictions (training sources only), then its best checkpoint scores the unit (its logits are kept in
-    the run's held_out_predictions.npz, so other decision rules can be compared without scoring again)."""
+    the run's held_out_predictions.npz, so other decision rules can be compared without scoring again).
+    Beside them (`in_source_folds` > 0) the in-source figures of `finetune_in_source`; `held_out=False`
+    gives those alone."""
     from .train import load_training_records, train
 
     records = list(records)
     trainable = {r.source for r in load_training_records(cfg)[0]}
-    units = list(units or sorted({r.source for r in records}))
+    units = list(units or sorted({r.source for r in records})) if held_out else []
     result: dict = {"recipe": {"protocol": "finetune", "config": cfg.model_dump()}, "held_out": {}}
+    if in_source_folds:
+        result |= finetune_in_source(cfg, out / "in-source", in_source_folds, n_boot, progress)
     for unit in units:
         run = out / f"held-out-{unit}"
         unit_cfg = cfg
@@ -382,6 +392,57 @@ def finetune_loso(
         if unit == "pad-ufes-20-phone":
             result["held_out"][unit]["phone_diagnoses"] = diagnosis_figures(test, scores.diagnosis, PHONE_DIAGNOSES)
     return result
+
+
+def finetune_in_source(cfg, run: Path, folds: int = 5, n_boot: int = 1000, progress: bool = True) -> dict:
+    """The finetune protocol's in-source figures: one pooled source-stratified grouped K-fold run of the whole
+    recipe (`train.train` with `folds=K` into `run`, resumed where folds are done; its oof.csv holds every
+    training photo's out-of-fold logit). Each fold's best checkpoint scores its own validation fold again for
+    the diagnosis head (kept in fold-k/fold_scores.npz), and each fold's decision rule is fitted on the other
+    folds' out-of-fold logits, so no photo's threshold is chosen on itself. A fold's best epoch is chosen on
+    its validation fold (the K-fold mode's early stopping), which flatters these figures a little; the
+    held-out units carry no such bias."""
+    from .train import load_training_records, train
+
+    kcfg = cfg.model_copy(update={"folds": folds})
+    train(kcfg, run, resume=(run / "config.yaml").is_file(), progress=progress)
+    by_uid = {r.uid: r for r in load_training_records(kcfg)[0]}
+    fold_recs, fold_scores = [], []
+    for k in range(folds):
+        fold = run / f"fold-{k}"
+        recs = [by_uid[u] for u in json.loads((fold / "data.json").read_text())["val_keys"]]
+        saved = fold / "fold_scores.npz"
+        kept = np.load(saved) if saved.is_file() else None
+        if kept is not None and [str(u) for u in kept["keys"]] == [r.uid for r in recs]:
+            scores = Scores(kept["logits"], kept["diagnosis"])
+        else:
+            scores = score_run(fold, recs, progress)
+            np.savez(saved, keys=np.array([r.uid for r in recs]), logits=scores.logits, diagnosis=scores.diagnosis)
+        fold_recs.append(recs)
+        fold_scores.append(scores)
+    pooled = [r for recs in fold_recs for r in recs]
+    p_all, t_all = np.empty(len(pooled)), np.empty(len(pooled))
+    rules, start = [], 0
+    for k, (recs, scores) in enumerate(zip(fold_recs, fold_scores, strict=True)):
+        others = [j for j in range(folds) if j != k]
+        rule = decision_rule(
+            np.concatenate([fold_scores[j].logits for j in others]),
+            [r for j in others for r in fold_recs[j]],
+            kcfg.target_sensitivity,
+        )
+        rules.append(rule)
+        p_all[start : start + len(recs)], t_all[start : start + len(recs)] = apply_rule(scores.logits, recs, rule)
+        start += len(recs)
+    d_all = np.concatenate([s.diagnosis for s in fold_scores])
+    psrc = np.array([r.source for r in pooled])
+    figures: dict = {}
+    for unit in sorted(set(psrc)):
+        m = np.flatnonzero(psrc == unit)
+        sub = [pooled[i] for i in m]
+        figures[unit] = unit_figures(sub, p_all[m], t_all[m], d_all[m], n_boot)
+        if unit == "pad-ufes-20-phone":
+            figures[unit]["phone_diagnoses"] = diagnosis_figures(sub, d_all[m], PHONE_DIAGNOSES)
+    return {"in_source": figures, "in_source_run": {"folds": folds, "run": run.as_posix(), "rules": rules}}
 
 
 def run_rule(run: Path, cfg) -> dict[str, dict[str, float]]:
