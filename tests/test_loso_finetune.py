@@ -52,9 +52,13 @@ def test_in_source_run_scores_every_photo_once_with_rules_from_the_other_folds(t
         assert result["in_source_run"]["rules"][k] == expected
 
     # resumed: nothing is trained or scored again, the figures are the same
-    mtimes = {p: p.stat().st_mtime_ns for p in run.glob("fold-*/*.pt")}
+    def written() -> dict:
+        return {p: p.stat().st_mtime_ns for pattern in ("fold-*/*.pt", "fold-*/*.npz") for p in run.glob(pattern)}
+
+    before = written()
+    assert len(before) == 2 * 4  # best.pt, last.pt, val_predictions.npz, fold_scores.npz per fold
     again = loso.finetune_loso(cfg, records, out, n_boot=20, progress=False, in_source_folds=2, held_out=False)
-    assert {p: p.stat().st_mtime_ns for p in run.glob("fold-*/*.pt")} == mtimes
+    assert written() == before
     assert json.dumps(again["in_source"], sort_keys=True) == json.dumps(result["in_source"], sort_keys=True)
 
 

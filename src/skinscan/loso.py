@@ -379,13 +379,7 @@ def finetune_loso(
         if not (run / "calibration.json").is_file():
             train(unit_cfg, run, resume=(run / "config.yaml").is_file(), progress=progress)
         test = [r for r in records if r.source == unit]
-        saved = run / "held_out_predictions.npz"
-        kept = np.load(saved) if saved.is_file() else None
-        if kept is not None and [str(k) for k in kept["keys"]] == [r.uid for r in test]:
-            scores = Scores(kept["logits"], kept["diagnosis"])
-        else:
-            scores = score_run(run, test, progress)
-            np.savez(saved, keys=np.array([r.uid for r in test]), logits=scores.logits, diagnosis=scores.diagnosis)
+        scores = kept_scores(run, test, run / "held_out_predictions.npz", progress)
         rule = run_rule(run, unit_cfg)
         p, t = apply_rule(scores.logits, test, rule)
         result["held_out"][unit] = unit_figures(test, p, t, scores.diagnosis, n_boot) | {"rule": rule}
@@ -411,15 +405,8 @@ def finetune_in_source(cfg, run: Path, folds: int = 5, n_boot: int = 1000, progr
     for k in range(folds):
         fold = run / f"fold-{k}"
         recs = [by_uid[u] for u in json.loads((fold / "data.json").read_text())["val_keys"]]
-        saved = fold / "fold_scores.npz"
-        kept = np.load(saved) if saved.is_file() else None
-        if kept is not None and [str(u) for u in kept["keys"]] == [r.uid for r in recs]:
-            scores = Scores(kept["logits"], kept["diagnosis"])
-        else:
-            scores = score_run(fold, recs, progress)
-            np.savez(saved, keys=np.array([r.uid for r in recs]), logits=scores.logits, diagnosis=scores.diagnosis)
         fold_recs.append(recs)
-        fold_scores.append(scores)
+        fold_scores.append(kept_scores(fold, recs, fold / "fold_scores.npz", progress))
     pooled = [r for recs in fold_recs for r in recs]
     p_all, t_all = np.empty(len(pooled)), np.empty(len(pooled))
     rules, start = [], 0
@@ -443,6 +430,17 @@ def finetune_in_source(cfg, run: Path, folds: int = 5, n_boot: int = 1000, progr
         if unit == "pad-ufes-20-phone":
             figures[unit]["phone_diagnoses"] = diagnosis_figures(sub, d_all[m], PHONE_DIAGNOSES)
     return {"in_source": figures, "in_source_run": {"folds": folds, "run": run.as_posix(), "rules": rules}}
+
+
+def kept_scores(run: Path, records: Sequence[Record], saved: Path, progress: bool = True) -> Scores:
+    """`score_run(run, records)`, kept in `saved` (keys, logits, diagnosis) and read from there when it
+    holds exactly these records: other decision rules and resumed reports do not score again."""
+    kept = np.load(saved) if saved.is_file() else None
+    if kept is not None and [str(k) for k in kept["keys"]] == [r.uid for r in records]:
+        return Scores(kept["logits"], kept["diagnosis"])
+    scores = score_run(run, records, progress)
+    np.savez(saved, keys=np.array([r.uid for r in records]), logits=scores.logits, diagnosis=scores.diagnosis)
+    return scores
 
 
 def run_rule(run: Path, cfg) -> dict[str, dict[str, float]]:
