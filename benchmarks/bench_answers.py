@@ -19,6 +19,11 @@ probability 0.5 (fixed seed; the fit keeps every answer, as a shipped model does
 patient-grouped bootstrap 95% interval; ECE (15 bins), and sensitivity / specificity at the model's
 threshold.
 
+The model's own validation phone photos (only with `--model-validation`): the phone photos `--model`'s
+card names as validation photos (its network never trained on them), scored by it, with adjustments fitted
+on the out-of-fold logits of every other patient's photos: the shipped network with adjustments that saw
+neither its photos nor their answers.
+
 The locked box (only with `--lockbox`, and only the shipped model's figures count): the locked-box
 patients' phone photos (splits/pad-ufes-20-phone-lockbox.txt) scored by `--model` through
 `Predictor.predict(force=True)`, with the answers of the labels file and the adjustments in the model's
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,52 +208,56 @@ def cross_validated(
     return table, full
 
 
-# ---------------------------------------------------------------- the locked box
-def locked_box(model: Path, data_records: list, locked: set, oof_keys: list[str], records: dict, args) -> dict:
+# ---------------------------------------------------------------- photos the model never trained on
+def scored_by_model(
+    model: Path, photos: list, fit_keys: list[str], records: dict, args, section: dict | None = None
+) -> dict:
+    """`photos` scored by `model` (its image logit on its photo type's calibrated scale), with the answers'
+    adjustments of `section` (None: the model's own card section), and answers alone fitted on `fit_keys`."""
     from skinscan.predict import Predictor
 
     predictor = Predictor(model)
-    if predictor.answers_section is None:
+    if section is None:
+        section = predictor.answers_section
+    if section is None:
         raise SystemExit(
             f"{model}: its card has no answers section; run `skinscan fit-answers --model {model} ...` first"
         )
-    box = [r for r in data_records if r.patient in locked]
-    answers = [Answers.from_phone_record(r.meta) for r in box]
-    y = np.array([r.label for r in box])
-    g = [r.patient for r in box]
+    answers = [Answers.from_phone_record(r.meta) for r in photos]
+    y = np.array([r.label for r in photos])
+    g = [r.patient for r in photos]
     t = time.perf_counter()
-    image = predictor.predict([r.path for r in box], force=True)
-    both = predictor.predict([r.path for r in box], force=True, answers=answers)
+    image = predictor.predict([r.path for r in photos], force=True)
     seconds = time.perf_counter() - t
     if any(p.probability is None for p in image):
-        raise SystemExit("some locked-box photos could not be scored: " + "; ".join(p.error or "" for p in image))
+        raise SystemExit("some photos could not be scored: " + "; ".join(p.error or "" for p in image))
     z_image = np.array([p.logit / predictor.temperature_for(p.photo_type) for p in image])  # its type's
-    z_both = z_image + np.array([math.fsum(a.log_odds for a in p.adjustments) for p in both])
-    # the Predictor's own probabilities are these, to rounding (the scores are kept as log-odds: no ties at 1.0)
-    assert np.allclose(sigmoid(z_both), [p.probability for p in both], rtol=0, atol=1e-12)
-    # answers only: fitted on the 468 photos outside the box (no image)
-    tr = [Answers.from_phone_record(records[k].meta) for k in oof_keys]
-    ytr = np.array([records[k].label for k in oof_keys])
+    z_both = score(section, z_image, answers)
+    if section is predictor.answers_section:
+        both = predictor.predict([r.path for r in photos], force=True, answers=answers)
+        # the Predictor's own probabilities are these, to rounding (the scores are kept as log-odds: no ties at 1.0)
+        assert np.allclose(sigmoid(z_both), [p.probability for p in both], rtol=0, atol=1e-12)
+    # answers only: fitted on the photos of fit_keys (no image)
+    tr = [Answers.from_phone_record(records[k].meta) for k in fit_keys]
+    ytr = np.array([records[k].label for k in fit_keys])
     alone = fit_answer_adjustments(np.zeros(len(tr)), tr, ytr, temperature=1.0, l2=args.l2)
-    z_answers = score(alone, np.zeros(len(box)), answers)
+    z_answers = score(alone, np.zeros(len(photos)), answers)
     hidden = hide(answers, 0.5, args.seed)
-    z_hidden_both = np.array(
-        [apply_answers(float(zi), a, predictor.answers_section)[0] for zi, a in zip(z_image, hidden, strict=True)]
-    )
-    z_hidden_answers = score(alone, np.zeros(len(box)), hidden)
+    z_hidden_both = score(section, z_image, hidden)
+    z_hidden_answers = score(alone, np.zeros(len(photos)), hidden)
     complete = np.array([is_complete(a) for a in answers])
     thr = np.array([p.threshold for p in image])  # each photo's (its detected type's, where the model has types)
     out: dict = {
         "model": {**predictor.info(), "path": str(model)},
-        "photos": len(box),
+        "photos": len(photos),
         "patients": len(set(g)),
         "seconds_to_score": seconds,
         "retakes_scored_anyway": sum(p.quality == "retake" for p in image),
     }
     streams = {
-        "all": (np.ones(len(box), bool), z_image, z_answers, z_both),
+        "all": (np.ones(len(photos), bool), z_image, z_answers, z_both),
         "complete": (complete, z_image, z_answers, z_both),
-        "hidden": (np.ones(len(box), bool), z_image, z_hidden_answers, z_hidden_both),
+        "hidden": (np.ones(len(photos), bool), z_image, z_hidden_answers, z_hidden_both),
     }
     for subset, (mask, zi, za, zb) in streams.items():
         gm = [g[i] for i in np.flatnonzero(mask)]
@@ -258,18 +266,48 @@ def locked_box(model: Path, data_records: list, locked: set, oof_keys: list[str]
             "answers only": summary(y[mask], za[mask], gm, None, args.bootstrap),
             "image + answers": summary(y[mask], zb[mask], gm, thr[mask], args.bootstrap),
         }
-    gm = [g[i] for i in np.flatnonzero(complete)]
-    diff = paired_auc_difference(y[complete], z_image[complete], z_both[complete], gm, n_boot=args.bootstrap)
-    out["complete"]["paired_difference"] = diff
-    both_auc = out["complete"]["image + answers"]["auc"]
+    for subset, mask in (("all", np.ones(len(photos), bool)), ("complete", complete)):
+        gm = [g[i] for i in np.flatnonzero(mask)]
+        out[subset]["paired_difference"] = paired_auc_difference(
+            y[mask], z_image[mask], z_both[mask], gm, n_boot=args.bootstrap
+        )
+    return out
+
+
+def locked_box(model: Path, data_records: list, locked: set, oof_keys: list[str], records: dict, args) -> dict:
+    """The retired locked box's photos scored by `model` with its own adjustments, and the box's bars."""
+    out = scored_by_model(model, [r for r in data_records if r.patient in locked], oof_keys, records, args)
+    diff = out["complete"]["paired_difference"]
     out["bars"] = {
         "gain_at_least_0.04": diff["difference"] >= BARS["lockbox_gain"],
         "difference_ci_above_0": diff["ci"][0] > 0,
-        "image_plus_answers_at_least_0.90": both_auc >= BARS["lockbox_auc"],
+        "image_plus_answers_at_least_0.90": out["complete"]["image + answers"]["auc"] >= BARS["lockbox_auc"],
         "hidden_image_plus_answers_at_least_image_only": out["hidden"]["image + answers"]["auc"]
         >= out["hidden"]["image only"]["auc"],
     }
     return out
+
+
+def model_validation(model: Path, oof: dict, keys: list[str], records: dict, args) -> dict:
+    """The model's own validation phone photos (its card's val_keys: never trained on), scored by it with
+    adjustments fitted on the out-of-fold logits of every other patient's photos, so that neither the
+    network nor the adjustments saw them."""
+    from skinscan.predict import Predictor
+
+    val = Predictor(model).card.validation_keys
+    photos = [records[k] for k in keys if k in val]
+    if not photos:
+        raise SystemExit(f"{model}: its card names none of these phone photos as validation photos")
+    held = {r.patient for r in photos}
+    fit_keys = [k for k in keys if records[k].patient not in held]
+    section = fit_answer_adjustments(
+        [oof[k][2] for k in fit_keys],
+        [Answers.from_phone_record(records[k].meta) for k in fit_keys],
+        [records[k].label for k in fit_keys],
+        [records[k].patient for k in fit_keys],
+        l2=args.l2,
+    )
+    return scored_by_model(model, photos, fit_keys, records, args, section) | {"fitted_on_photos": len(fit_keys)}
 
 
 # ---------------------------------------------------------------- report
@@ -326,6 +364,30 @@ def markdown(result: dict) -> str:
             f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]; bars: "
             + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in box["bars"].items()),
         ]
+    val = result.get("model_validation")
+    if val:
+        nv = {s: val[s]["image only"]["n"] for s in SUBSETS}
+        model = val["model"]
+        lines += [
+            "",
+            f"The model's own validation phone photos ({val['photos']} photos of {val['patients']} patients, never "
+            f"trained on), scored by {model['name']} {model['version']} (sha256 {model['sha256'][:12]}), with "
+            f"adjustments fitted on the out-of-fold logits of the other {val['fitted_on_photos']} photos' patients:",
+            "",
+            f"| setting | {SUBSET_TITLES['all']} (n={nv['all']}) | {SUBSET_TITLES['complete']} (n={nv['complete']}) "
+            f"| {SUBSET_TITLES['hidden']} (n={nv['hidden']}) |",
+            "|---|---|---|---|",
+        ]
+        for setting in SETTINGS:
+            lines.append(f"| {setting} | " + " | ".join(_cell(val[s][setting]) for s in SUBSETS) + " |")
+        lines += [""] + [
+            f"{SUBSET_TITLES[s]}: image + answers minus image only {val[s]['paired_difference']['difference']:+.3f} "
+            f"[{val[s]['paired_difference']['ci'][0]:+.3f}, {val[s]['paired_difference']['ci'][1]:+.3f}]; at the "
+            f"model's thresholds image only sensitivity {val[s]['image only']['sensitivity']:.3f}, specificity "
+            f"{val[s]['image only']['specificity']:.3f}; image + answers {val[s]['image + answers']['sensitivity']:.3f}"
+            f" / {val[s]['image + answers']['specificity']:.3f}."
+            for s in ("all", "complete")
+        ]
     lines += [
         "",
         f"Adjustments fitted on all {n['all']} photos (what `skinscan fit-answers` stores from the same logits):",
@@ -355,6 +417,12 @@ def main() -> None:
         "--lockbox",
         action="store_true",
         help="also score the locked box with --model (do this once, with the shipped model)",
+    )
+    parser.add_argument(
+        "--model-validation",
+        action="store_true",
+        help="also score --model's own validation phone photos (never trained on), with adjustments fitted on "
+        "the out-of-fold logits of every other patient (for a model trained on all phone photos but those)",
     )
     parser.add_argument("--model", default=str(default_model_path()), help="model (default: the bundled one)")
     parser.add_argument("--folds", type=int, default=5)
@@ -391,6 +459,8 @@ def main() -> None:
     }
     if args.lockbox:
         result["lockbox"] = locked_box(Path(args.model), data_records, locked, keys, records, args)
+    if args.model_validation:
+        result["model_validation"] = model_validation(Path(args.model), oof, keys, records, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
