@@ -664,7 +664,7 @@ def _read_oof_csv(path: Path, sources: Collection[str] | None) -> tuple[str, dic
         raise InvalidAnswers(f"--oof {path}: no out-of-fold row of {', '.join(sorted(sources or ()))}")
     folds = len({r["fold"] for r in rows})
     made_by = f"{folds}-fold run {path.parent.as_posix()}"
-    return made_by, {r["uid"]: (int(r["label"]), r["patient"] or r["uid"], float(r["logit"])) for r in kept}
+    return made_by, {r["uid"]: (int(r["label"]), r.get("patient") or r["uid"], float(r["logit"])) for r in kept}
 
 
 def store_section(onnx_path: str | Path, section: dict) -> Path:
