@@ -594,6 +594,27 @@ def test_fit_answers_reads_the_oof_csv_of_a_k_fold_run(
     assert "needs --recipe" in capsys.readouterr().err
 
 
+def test_bundled_adjustments_are_fitted_on_the_shipped_recipes_own_out_of_fold_logits(
+    plain_model: Path, pad_ufes: Path, tmp_path: Path
+) -> None:
+    """Both bundled builds carry the adjustments that `skinscan fit-answers` fits on the committed out-of-fold
+    logits of a patient-grouped 5-fold run of the shipped recipe (every phone photo, each scored by the fold
+    model that never trained on its patient), not those of another image model."""
+    pytest.importorskip("onnx")
+    oof = REPO / "benchmarks" / "results" / "cv-sources" / "oof-phone.csv"
+    bundled = [Predictor(resolve_model(name)).answers_section for name in (None, "skinscan-lite0-sources-int8")]
+    for section in bundled:
+        assert section is not None and section["n_records"] == 586  # every phone photo: no locked box left out
+        assert "5-fold run benchmarks/results/cv-sources" in section["fitted_on"]["image_logits"]
+    model = tmp_path / plain_model.name
+    shutil.copy(plain_model, model)
+    assert main(["fit-answers", "--model", str(model), "--data", str(pad_ufes), "--oof", str(oof)]) == 0
+    refit = Predictor(model).answers_section
+    for section in bundled:
+        assert section["adjustments"] == refit["adjustments"]
+        assert section["offset_temperature"] == pytest.approx(refit["offset_temperature"])
+
+
 def test_yes_no_answers_listed() -> None:
     assert set(YES_NO_ANSWERS) <= set(ANSWER_FIELDS) and len(BODY_SITES) == 14
 
