@@ -31,7 +31,8 @@ card (`skinscan fit-answers`); answers only from a fit on the 468 photos. Adds t
 bootstrap interval of the AUC difference (image + answers minus image only) on the complete records.
 
     python benchmarks/bench_answers.py --out benchmarks/results/answers
-    python benchmarks/bench_answers.py --oof runs/cv-sources/oof.csv --out benchmarks/results/answers-sources
+    python benchmarks/bench_answers.py --oof benchmarks/results/cv-sources/oof-phone.csv --model-validation \
+        --out benchmarks/results/answers-sources    # the shipped recipe's own 5-fold logits (docs/sources.md)
     python benchmarks/bench_answers.py --lockbox --out benchmarks/results/answers    # the shipped model
 """
 
