@@ -28,6 +28,7 @@ from skinscan.answers import (
     fit_answer_adjustments,
     match_answers,
     read_answers_csv,
+    read_oof_logits,
     store_section,
 )
 from skinscan.card import resolve_model, write_card
@@ -592,6 +593,10 @@ def test_fit_answers_reads_the_oof_csv_of_a_k_fold_run(
     assert err.startswith("error: ") and "no uid column" in err and "folds=5" in err
     assert main(["fit-answers", "--model", str(model), "--data", str(pad_ufes), "--oof", str(OOF)]) == 2
     assert "needs --recipe" in capsys.readouterr().err
+
+    # an oof.csv without a patient column: each photo counts as its own patient
+    (run / "oof.csv").write_text("fold,source,uid,label,logit\n0,pad-ufes-20-phone,pad-ufes-20-phone/x.jpg,1,0.5\n")
+    assert read_oof_logits(run)[1] == {"pad-ufes-20-phone/x.jpg": (1, "pad-ufes-20-phone/x.jpg", 0.5)}
 
 
 def test_bundled_adjustments_are_fitted_on_the_shipped_recipes_own_out_of_fold_logits(
