@@ -16,7 +16,15 @@ the network input, the pixel measures and the shorter side), and embedded with t
 checked). Cached in `--cache`, one .npz per model (keyed by its sha256, rows by record uid): a rerun
 embeds nothing.
 
+`--loso RUN` asks the harder question: the shipped gate is fitted on embeddings of a network that trained
+on every source, so a gate fitted without S still reads S through features that learned it. Given a
+finetune leave-one-source-out folder, each held-out source S is judged by the gate fitted without S on the
+embeddings of the network trained without S (neither saw S), beside the same fit on the shipped network's
+embeddings, on the same photos (each picture decoded once for all the networks).
+
     python benchmarks/bench_gate_sources.py --out benchmarks/results/gate-sources-default
+    skinscan loso --protocol finetune --config configs/skinscan-sources.yaml --in-source-folds 0 --out runs/loso
+    python benchmarks/bench_gate_sources.py --loso runs/loso --limit-per-source 600 --out /tmp/gate-loso
     python benchmarks/bench_gate_sources.py --limit-per-source 30 --out /tmp/gate-sources
 """
 
@@ -32,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from skinscan.data import IMAGE_SUFFIXES, Record, load_dataset
+from skinscan.errors import SkinscanError
 from skinscan.export import _picture
 from skinscan.graphs import MEASURES
-from skinscan.loso import GateInputs, gate_loso
+from skinscan.loso import GateInputs, gate_loso, gate_without, held_out_models
 from skinscan.phototype import SOURCE_PHOTO_TYPE
 from skinscan.predict import Predictor
 
@@ -66,22 +75,30 @@ def read_records(data_root: Path, limit_per_source: int | None, seed: int = 0) -
 
 
 def embed_cached(
-    predictor: Predictor, items: Sequence[tuple[str, Path]], cache: Path, batch_size: int, chunk: int = 512
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, int]], set[str]]:
-    """{uid: (embedding, measures in graphs.MEASURES order, shorter side or 0)} for every readable item, and
-    the uids that cannot be read; what the cache lacks is computed and saved there every `chunk` images."""
-    stored: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+    predictors: Sequence[Predictor], items: Sequence[tuple[str, Path]], cache: Path, batch_size: int, chunk: int = 512
+) -> tuple[list[dict[str, tuple[np.ndarray, np.ndarray, int]]], set[str]]:
+    """Per predictor, {uid: (embedding, measures in graphs.MEASURES order, shorter side or 0)} for every
+    readable item, and the uids that cannot be read. Each picture is decoded once for all the predictors
+    (they must share one preprocessing); what a predictor's cache (`cache`/gate-inputs-<sha256>.npz) lacks
+    is computed and saved there every `chunk` images."""
+    if any(p.spec != predictors[0].spec for p in predictors):
+        raise SystemExit("bench_gate_sources: these models preprocess differently; measure them one at a time")
+    files = [cache / f"gate-inputs-{p.sha256[:16]}.npz" for p in predictors]
+    stores: list[dict[str, tuple[np.ndarray, np.ndarray, int]]] = []
     unreadable: set[str] = set()
-    if cache.is_file():
-        with np.load(cache) as z:
-            if str(z["model_sha256"]) != predictor.sha256 or tuple(z["measure_names"]) != MEASURES:
-                raise SystemExit(f"{cache} belongs to another model or skinscan version: delete it or pass --cache")
-            stored = {
-                str(u): (e, m, int(s))
-                for u, e, m, s in zip(z["uids"], z["embeddings"], z["measures"], z["sides"], strict=True)
-            }
-            unreadable = {str(u) for u in z["unreadable"]}
-    todo = [(u, p) for u, p in items if u not in stored and u not in unreadable]
+    for predictor, file in zip(predictors, files, strict=True):
+        stored: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+        if file.is_file():
+            with np.load(file) as z:
+                if str(z["model_sha256"]) != predictor.sha256 or tuple(z["measure_names"]) != MEASURES:
+                    raise SystemExit(f"{file} belongs to another model or skinscan version: delete it or pass --cache")
+                stored = {
+                    str(u): (e, m, int(s))
+                    for u, e, m, s in zip(z["uids"], z["embeddings"], z["measures"], z["sides"], strict=True)
+                }
+                unreadable |= {str(u) for u in z["unreadable"]}
+        stores.append(stored)
+    todo = [(u, p) for u, p in items if u not in unreadable and any(u not in s for s in stores)]
     from tqdm.auto import tqdm
 
     with tqdm(total=len(todo), desc="gate inputs", unit="img", disable=not todo) as bar:
@@ -89,19 +106,23 @@ def embed_cached(
             for first in range(start, min(start + chunk, len(todo)), batch_size):
                 batch = []
                 for uid, path in todo[first : min(first + batch_size, start + chunk, len(todo))]:
-                    decoded = predictor.decode(path)  # once: the network input, pixel measures and side, as served
+                    decoded = predictors[0].decode(path)  # once: the network input, pixel measures and side, as served
                     if decoded.error is not None:
                         unreadable.add(uid)
                     else:
                         batch.append((uid, decoded))
                     bar.update(1)
-                if batch:
-                    embeddings = predictor.run(np.stack([d.image for _, d in batch]))["embedding"]
-                    for (uid, d), embedding in zip(batch, embeddings, strict=True):
+                for predictor, stored in zip(predictors, stores, strict=True):
+                    missing = [(uid, d) for uid, d in batch if uid not in stored]
+                    if not missing:
+                        continue
+                    embeddings = predictor.run(np.stack([d.image for _, d in missing]))["embedding"]
+                    for (uid, d), embedding in zip(missing, embeddings, strict=True):
                         measures = np.array([d.measures[k] for k in MEASURES], dtype=np.float32)
                         stored[uid] = (embedding, measures, d.shorter_side or 0)
-            _save(cache, predictor.sha256, stored, unreadable)
-    return stored, unreadable
+            for predictor, stored, file in zip(predictors, stores, files, strict=True):
+                _save(file, predictor.sha256, stored, unreadable)
+    return stores, unreadable
 
 
 def _save(cache: Path, sha: str, stored: dict, unreadable: set[str]) -> None:
@@ -159,7 +180,7 @@ def skin_type_rows(r: dict) -> list[tuple[str, str, str, dict, float | None]]:
             bar = BARS["skin_type_group"] if source == SKIN_TYPE_SET else None
             rows.append((source, f"fitted without {source}", g, f, bar))
     for key, name in (("cross_fitted", "every source, cross-fitted"), ("in_sample", "every source, in-sample")):
-        for source, entry in r["all_sources"].get(key, {}).items():
+        for source, entry in r.get("all_sources", {}).get(key, {}).items():
             for g, f in entry.get("by_skin_type_group", {}).items():
                 rows.append((source, name, g, f, None))
     return rows
@@ -252,19 +273,22 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> Path:
+def plot(
+    r: dict, path: Path, held_name: str = "gate fitted without the source", beside: tuple[str, dict] | None = None
+) -> Path:
     """Refusals (any reason) per source and per skin-type group, with their intervals, under the gate fitted
-    without the source and the shipped gate; the bars (the issue's limits) drawn as lines."""
+    without the source (`held_name`) and `beside` it ((name, figures per source); default: the shipped
+    gate); the bars (the issue's limits) drawn as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shipped_name, shipped = shipped_figures(r)
+    shipped_name, shipped = beside or shipped_figures(r)
 
     def panel(ax, labels, held, other, limits, title) -> None:
         y = np.arange(len(labels))
-        for k, (figures, name) in enumerate(((held, "gate fitted without the source"), (other, shipped_name))):
+        for k, (figures, name) in enumerate(((held, held_name), (other, shipped_name))):
             v = np.array([f["share"] for f in figures])
             lo, hi = np.array([f["ci95"] for f in figures]).T
             ax.barh(y - 0.2 + 0.4 * k, v, height=0.38, color=f"C{k}", label=name)
@@ -316,9 +340,95 @@ def plot(r: dict, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- main
+def loso_gates(
+    records: list[Record],
+    stores: Sequence[dict],
+    units: Sequence[str],
+    tune: Sequence[Path],
+    holdout: Sequence[Path],
+    progress=print,
+) -> dict:
+    """`--loso`: each unit judged by the gate fitted without it on the embeddings of the network trained
+    without it (`stores[k + 1]` for `units[k]`), and beside it the same fit on the shipped model's embeddings
+    (`stores[0]`: only the gate's fit never saw the unit)."""
+    uids = [r.uid for r in records]
+    tune_ids = [f"nonlesion/tune/{p.name}" for p in tune]
+    holdout_ids = [f"nonlesion/holdout/{p.name}" for p in holdout]
+    groups = [_picture(p) for p in tune]
+
+    def gate(stored: dict, unit: str) -> dict:
+        return gate_without(
+            records, as_inputs(stored, uids), as_inputs(stored, tune_ids), groups, as_inputs(stored, holdout_ids), unit
+        )
+
+    out: dict = {"held_out": {}, "shipped_features": {}}
+    for unit, stored in zip(units, stores[1:], strict=True):
+        progress(f"gate without {unit}: the network trained without it, then the shipped network")
+        out["held_out"][unit] = gate(stored, unit)
+        out["shipped_features"][unit] = gate(stores[0], unit)
+    return out
+
+
+def loso_markdown(r: dict) -> str:
+    m, lim = r["model"], r["limit_per_source"]
+    lines = [
+        "# The quality gate on sources its features never saw - the networks of a leave-one-source-out run",
+        "",
+        f"`{r['command']}`; {'all records' if not lim else f'at most {lim} records per source (seeded sample)'}; "
+        f"non-lesion tune {r['nonlesion']['tune']} / holdout {r['nonlesion']['holdout']} pictures. For each source: "
+        f"the gate fitted without it (`skinscan.loso.gate_without`, as `skinscan export --gate` fits it) on the "
+        f"embeddings of `{r['loso']}`'s network trained without it, so neither the features nor the gate saw "
+        f"the source; beside it, the same fit on the embeddings of {m['name']} {m['version']} (sha256 "
+        f"{m['sha256'][:12]}), whose network trained on every source. Shares refused, Wilson 95% intervals (k/n).",
+        "",
+        "| source | photos | refused, any reason: features never saw it | bar | shipped network's features | "
+        "not a lesion: never saw it | shipped | non-lesion holdout flagged: never saw it | shipped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for source, e in r["held_out"].items():
+        b = r["shipped_features"][source]
+        lines.append(
+            f"| {source} | {e['n']} | {_pct(e['refused'])} | {_verdict(e['refused'], source_bar(source))} | "
+            f"{_pct(b['refused'])} | {_pct(e['not_a_lesion'])} | {_pct(b['not_a_lesion'])} | "
+            f"{_pct(e['nonlesion_holdout']['flagged'])} | {_pct(b['nonlesion_holdout']['flagged'])} |"
+        )
+    lines += [
+        "",
+        "## Skin-type groups",
+        "",
+        "| set | group | photos | refused, any reason: features never saw it | bar | shipped network's features |",
+        "|---|---|---|---|---|---|",
+    ]
+    for source, e in r["held_out"].items():
+        for g, f in e.get("by_skin_type_group", {}).items():
+            b = r["shipped_features"][source]["by_skin_type_group"][g]
+            bar = BARS["skin_type_group"] if source == SKIN_TYPE_SET else None
+            lines.append(
+                f"| {source} | {g} | {f['refused']['n']} | {_pct(f['refused'])} | {_verdict(f['refused'], bar)} | "
+                f"{_pct(b['refused'])} |"
+            )
+    lines += [
+        "",
+        f"Unreadable images: {', '.join(r['unreadable']) or 'none'}. Embedding {r['embed_seconds']:.0f} s "
+        f"({len(r['networks'])} + 1 networks), gate fits {r['gate_seconds']:.0f} s.",
+        "",
+        "![refusals per source and skin-type group](gate_sources.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model file or bundled name (default: the default model)")
+    ap.add_argument(
+        "--loso",
+        type=Path,
+        metavar="RUN",
+        help="a finetune leave-one-source-out folder (`skinscan loso --protocol finetune --out RUN`): judge each "
+        "of its held-out sources by the gate fitted without it on the embeddings of the network trained without "
+        "it, beside the same fit on --model's embeddings (each network exported once into its run folder)",
+    )
     ap.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "datasets")
     ap.add_argument("--nonlesion", type=Path, default=REPO / "tests" / "assets" / "nonlesion")
     ap.add_argument("--limit-per-source", type=int, help="a seeded sample of at most this many records per source")
@@ -331,6 +441,16 @@ def main() -> None:
 
     predictor = Predictor(args.model, threads=args.threads)
     records = read_records(args.data_root, args.limit_per_source)
+    networks: dict[str, Path] = {}
+    if args.loso:
+        try:
+            networks = held_out_models(args.loso)
+        except SkinscanError as exc:
+            raise SystemExit(f"bench_gate_sources: {exc}") from None
+        unknown = sorted(set(networks) - {r.source for r in records})
+        if unknown:
+            raise SystemExit(f"bench_gate_sources: {args.loso} holds out {', '.join(unknown)}, no source of the data")
+    predictors = [predictor] + [Predictor(path, threads=args.threads) for path in networks.values()]
     halves = {
         half: sorted(p for p in (args.nonlesion / half).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         for half in ("tune", "holdout")
@@ -339,9 +459,8 @@ def main() -> None:
         (f"nonlesion/{half}/{p.name}", p) for half, paths in halves.items() for p in paths
     ]
     t = time.perf_counter()
-    stored, unreadable = embed_cached(
-        predictor, items, args.cache / f"gate-inputs-{predictor.sha256[:16]}.npz", args.batch_size
-    )
+    stores, unreadable = embed_cached(predictors, items, args.cache, args.batch_size)
+    stored = stores[0]
     embed_seconds = time.perf_counter() - t
     records = [r for r in records if r.uid in stored]
     tune = [p for p in halves["tune"] if f"nonlesion/tune/{p.name}" in stored]
@@ -349,23 +468,27 @@ def main() -> None:
 
     t = time.perf_counter()
     try:
-        result = gate_loso(
-            records,
-            as_inputs(stored, [r.uid for r in records]),
-            as_inputs(stored, [f"nonlesion/tune/{p.name}" for p in tune]),
-            [_picture(p) for p in tune],
-            as_inputs(stored, [f"nonlesion/holdout/{p.name}" for p in holdout]),
-            outer_folds=args.outer_folds,
-            progress=lambda message: print(message, flush=True),
-        )
+        if args.loso:
+            result = loso_gates(records, stores, list(networks), tune, holdout, progress=lambda m: print(m, flush=True))
+        else:
+            result = gate_loso(
+                records,
+                as_inputs(stored, [r.uid for r in records]),
+                as_inputs(stored, [f"nonlesion/tune/{p.name}" for p in tune]),
+                [_picture(p) for p in tune],
+                as_inputs(stored, [f"nonlesion/holdout/{p.name}" for p in holdout]),
+                outer_folds=args.outer_folds,
+                progress=lambda message: print(message, flush=True),
+            )
     except ValueError as exc:  # too few photos for a fit (a small --limit-per-source): say so, no traceback
         raise SystemExit(f"bench_gate_sources: {exc}; raise --limit-per-source (30 per source is enough)") from None
     command = "python benchmarks/bench_gate_sources.py" + "".join(
         f" --{k} {v}"
         for k, v in (
             ("model", args.model),
+            ("loso", args.loso),
             ("limit-per-source", args.limit_per_source),
-            ("outer-folds", None if args.outer_folds == 5 else str(args.outer_folds)),
+            ("outer-folds", None if args.outer_folds == 5 or args.loso else str(args.outer_folds)),
         )
         if v
     )
@@ -379,12 +502,18 @@ def main() -> None:
         "unreadable": sorted(u for u, _ in items if u in unreadable),
         "embed_seconds": round(embed_seconds, 1),
         "gate_seconds": round(time.perf_counter() - t, 1),
+        **({"loso": str(args.loso), "networks": {u: p.as_posix() for u, p in networks.items()}} if args.loso else {}),
         **result,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gate_sources.json").write_text(json.dumps(report, indent=2, default=float))
-    plot(report, args.out / "gate_sources.png")
-    text = markdown(report)
+    if args.loso:
+        beside = ("the same fit on the shipped network's features", report["shipped_features"])
+        plot(report, args.out / "gate_sources.png", "gate and network both without the source", beside)
+        text = loso_markdown(report)
+    else:
+        plot(report, args.out / "gate_sources.png")
+        text = markdown(report)
     (args.out / "gate_sources.md").write_text(text)
     print(text)
 

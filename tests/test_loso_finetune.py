@@ -5,7 +5,11 @@ model that never trained on it, each fold's rule fitted on the other folds, the 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +74,75 @@ def test_loso_command_refuses_in_source_settings_it_cannot_run(tmp_path, capsys,
     assert "leave out --units" in capsys.readouterr().err
     assert main([*base, "--in-source-only", "--in-source-folds", "0"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_gate_of_a_held_out_source_reads_the_features_of_the_network_trained_without_it(
+    tmp_path, data_root, isic_mvb, pad_ufes, isic_archive_more, clinical_atlas
+):
+    from skinscan.data import IMAGE_SUFFIXES
+    from skinscan.predict import Predictor
+
+    unit = "pad-ufes-20-phone"
+    over = {"data": [str(isic_mvb), str(pad_ufes)], "limit": 160, "epochs": 1, "batch_size": 16, "threads": 2}
+    over["color_constancy"] = "shades-of-gray"  # the shipped model's preprocessing: it is the baseline
+    cfg = load_config(overrides=over)
+    records, _ = load_training_records(cfg)
+    out = tmp_path / "loso"
+    loso.finetune_loso(cfg, records, out, units=[unit], n_boot=20, progress=False, in_source_folds=0)
+
+    # The unit's network is exported once into its run and reused; it is the network that scored the unit.
+    models = loso.held_out_models(out, progress=False)
+    assert list(models) == [unit] and models[unit].parent == out / f"held-out-{unit}" / "export"
+    written = models[unit].stat().st_mtime_ns
+    assert loso.held_out_models(out, progress=False) == models and models[unit].stat().st_mtime_ns == written
+    kept = np.load(out / f"held-out-{unit}" / "held_out_predictions.npz")
+    net = Predictor(models[unit])
+    by_uid = {r.uid: r for r in records}
+    first = [by_uid[str(k)] for k in kept["keys"][:6]]
+    logits = net.run(np.stack([net.decode(r.path).image for r in first]))["logit"]
+    np.testing.assert_allclose(logits, kept["logits"][:6], atol=2e-2)  # Pillow decode vs the training loader
+
+    # The benchmark judges the unit by the gate fitted without it on that network's embeddings, beside the
+    # same fit on the shipped network's: both from the embedding caches it wrote.
+    report_dir, cache = tmp_path / "report", tmp_path / "cache"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gate_sources.py"
+    args = ["--loso", str(out), "--data-root", str(data_root), "--limit-per-source", "30"]
+    done = subprocess.run(
+        [sys.executable, str(bench), *args, "--cache", str(cache), "--out", str(report_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((report_dir / "gate_sources.json").read_text())
+    assert set(report["held_out"]) == set(report["shipped_features"]) == {unit}
+    assert report["networks"] == {unit: models[unit].as_posix()}
+    shipped = Predictor()
+    caches = {p.name for p in cache.glob("*.npz")}
+    assert caches == {f"gate-inputs-{p.sha256[:16]}.npz" for p in (shipped, net)}
+    z = np.load(cache / f"gate-inputs-{net.sha256[:16]}.npz")
+    phone = [i for i, u in enumerate(z["uids"]) if str(u).startswith(f"{unit}/")]
+    assert len(phone) == report["held_out"][unit]["n"] == 30
+    held = report["held_out"][unit]
+    assert held["n"] == report["shipped_features"][unit]["n"]
+    assert held["nonlesion_holdout"]["flagged"]["n"] == report["nonlesion"]["holdout"]
+    fitted = held["fit"]["train_images"]  # per source: the six others, none of the unit's
+    assert unit not in fitted and sum(fitted.values()) == 6 * 30
+    assert fitted == report["shipped_features"][unit]["fit"]["train_images"]
+    # Each figure is the gate fitted on its own network's cached embeddings: recomputed here, the same.
+    spec = importlib.util.spec_from_file_location("bench_gate_sources", bench)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sample = mod.read_records(data_root, 30)
+    nonlesion = [p for p in bench.parents[1].glob("tests/assets/nonlesion/*/*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    stores, _ = mod.embed_cached(
+        [shipped, net], [(f"nonlesion/{p.parent.name}/{p.name}", p) for p in nonlesion], cache, 32
+    )
+    tune = sorted(p for p in nonlesion if p.parent.name == "tune" and f"nonlesion/tune/{p.name}" in stores[0])
+    holdout = sorted(p for p in nonlesion if p.parent.name == "holdout" and f"nonlesion/holdout/{p.name}" in stores[0])
+    again = mod.loso_gates(sample, stores, [unit], tune, holdout, progress=lambda m: None)
+    for key in ("held_out", "shipped_features"):
+        for field in ("refused", "not_a_lesion"):
+            assert again[key][unit][field] == report[key][unit][field]
+        assert again[key][unit]["nonlesion_holdout"] == report[key][unit]["nonlesion_holdout"]
+    text = (report_dir / "gate_sources.md").read_text()
+    assert "features never saw it" in text and (report_dir / "gate_sources.png").stat().st_size > 10_000

@@ -482,6 +482,30 @@ def score_run(run: Path, records: Sequence[Record], progress: bool = True) -> Sc
     return Scores(np.concatenate(logits), d_all)
 
 
+def held_out_models(out: Path, progress: bool = True) -> dict[str, Path]:
+    """{unit: ONNX model} of a finetune leave-one-source-out folder (`skinscan loso --protocol finetune --out
+    OUT`): each finished unit's network, trained without that unit, exported once (`export.export`) into
+    OUT/held-out-<unit>/export/ and reused from there. For measures that need features which never saw the
+    unit (the quality gate's refusals on a source never seen: `benchmarks/bench_gate_sources.py --loso`)."""
+    from .export import export
+
+    runs = sorted(p for p in Path(out).glob("held-out-*") if (p / "calibration.json").is_file())
+    if not runs:
+        raise SkinscanError(
+            f"{out}: no finished held-out run (held-out-<source>/calibration.json); "
+            f"train them with `skinscan loso --protocol finetune --out {out}`"
+        )
+    models = {}
+    for run in runs:
+        onnx = run / "export" / f"{run.name}.onnx"
+        if not onnx.is_file():
+            if progress:
+                log.info("exporting %s", run)
+            export(run, onnx.parent, name=run.name, version_tag=run.name)
+        models[run.name.removeprefix("held-out-")] = onnx
+    return models
+
+
 # ------------------------------------------------------------------------------------------- quality gate
 @dataclass(frozen=True, eq=False)
 class GateInputs:
@@ -572,6 +596,30 @@ def _fit_summary(section: dict) -> dict:
     return {k: fit[k] for k in keys if k in fit}
 
 
+def _flagged(gate: QualityGate, holdout: GateInputs) -> dict:
+    any_reason, ood = gate_refusals(gate, holdout)
+    return {"flagged": _share(any_reason), "not_a_lesion": _share(ood)}
+
+
+def gate_without(
+    records: Sequence[Record],
+    inputs: GateInputs,
+    tune: GateInputs,
+    tune_groups: Sequence[str],
+    holdout: GateInputs,
+    unit: str,
+) -> dict:
+    """The gate fitted without the source `unit` (`fit_gate`): the share of the unit's photos it refuses
+    (`refusal_figures`), the share of the non-lesion `holdout` pictures it flags, and its fit's summary.
+    `inputs`, `tune` and `holdout` come from one network: the shipped one (only the gate's fit never saw the
+    unit), or one trained without the unit (then neither did the features; `benchmarks/bench_gate_sources.py
+    --loso`)."""
+    gate, section = fit_gate(records, inputs, tune, tune_groups, without=unit)
+    ix = np.flatnonzero(np.array([r.source == unit for r in records]))
+    entry = refusal_figures([records[i] for i in ix], *gate_refusals(gate, inputs.take(ix)))
+    return entry | {"nonlesion_holdout": _flagged(gate, holdout), "fit": _fit_summary(section)}
+
+
 def gate_loso(
     records: Sequence[Record],
     inputs: GateInputs,
@@ -595,19 +643,11 @@ def gate_loso(
     records = list(records)
     units = list(units or sorted({r.source for r in records}))
     src = np.array([r.source for r in records])
-
-    def flagged(gate: QualityGate) -> dict:
-        any_reason, ood = gate_refusals(gate, holdout)
-        return {"flagged": _share(any_reason), "not_a_lesion": _share(ood)}
-
     out: dict = {"held_out": {}}
     for unit in units:
         if progress:
             progress(f"gate without {unit}")
-        gate, section = fit_gate(records, inputs, tune, tune_groups, without=unit)
-        ix = np.flatnonzero(src == unit)
-        entry = refusal_figures([records[i] for i in ix], *gate_refusals(gate, inputs.take(ix)))
-        out["held_out"][unit] = entry | {"nonlesion_holdout": flagged(gate), "fit": _fit_summary(section)}
+        out["held_out"][unit] = gate_without(records, inputs, tune, tune_groups, holdout, unit)
     if progress:
         progress("gate on every source")
     gate, section = fit_gate(records, inputs, tune, tune_groups)
@@ -620,7 +660,7 @@ def gate_loso(
         "cross_fitted_not_a_lesion": section["fit"].get(
             "cross_fitted_train_rejection", section["fit"]["novelty_cross_fitted_train_rejection"]
         ),
-        "nonlesion_holdout": flagged(gate),
+        "nonlesion_holdout": _flagged(gate, holdout),
         "fit": _fit_summary(section),
     }
     if outer_folds:
