@@ -1,19 +1,21 @@
 """Which decision rule keeps its sensitivity on a source it never saw? (issue 16, item 4)
 
-Reads a fine-tuned leave-one-source-out folder (`skinscan loso --protocol finetune --out DIR`). For each
+Reads fine-tuned leave-one-source-out folders (`skinscan loso --protocol finetune --out DIR`). For each
 held-out unit U, DIR/held-out-U/ holds the run trained without U, that run's validation predictions
 (val_predictions.npz: its training sources only) and U's logits (held_out_predictions.npz). Every
 candidate rule is fitted on the validation predictions alone and then applied to U, so each row shows
 whether a rule's sensitivity travels to a source no choice saw.
 
-The rule chosen: among the rules that keep sensitivity >= the target on every held-out unit with at
-least 50 cancers, the one with the highest median specificity on those units; if none holds everywhere,
-the one that fails on the fewest units (then by specificity). Sensitivities carry Wilson 95% intervals:
+Several folders (the same recipe with other seeds) are pooled: each (unit, folder) pair is one held-out
+run. The rule chosen: among the rules that keep sensitivity >= the target on every held-out run of a unit
+with at least 50 cancers, the one with the highest median specificity on those runs; if none holds
+everywhere, the one that fails on the fewest runs (then by specificity). Sensitivities carry Wilson 95% intervals:
 with 90-500 cancers per unit an observed 0.95 is uncertain by about +-0.02 to +-0.05.
 
     skinscan loso --protocol finetune --config configs/skinscan-sources.yaml \\
         --set epochs=3 --set samples_per_epoch=1280 --out runs/loso-finetune-short
     python benchmarks/bench_decision_rules.py runs/loso-finetune-short --out benchmarks/results/decision-rules
+    python benchmarks/bench_decision_rules.py runs/loso-finetune-short runs/loso-short-seed1 --out /tmp/rules
 """
 
 from __future__ import annotations
@@ -83,6 +85,30 @@ def choose(result: dict, target: float) -> str:
     return min(RULES, key=score)
 
 
+def summary(result: dict, target: float) -> list[dict]:
+    """Per rule, over the held-out runs of units with >= MIN_CANCERS cancers: how many fall below the target,
+    the range of their sensitivities and the median specificity."""
+    rows = []
+    for name in RULES:
+        runs = [u[name] for u in result["units"].values() if u[name]["n_malignant"] >= MIN_CANCERS]
+        sens = [r["sensitivity"] for r in runs]
+        below = sorted(
+            unit
+            for unit, u in result["units"].items()
+            if u[name]["n_malignant"] >= MIN_CANCERS and u[name]["sensitivity"] < target
+        )
+        rows.append(
+            {
+                "rule": name,
+                "runs": len(runs),
+                "below": below,
+                "sensitivity_range": [min(sens), max(sens)],
+                "median_specificity": float(np.median([r["specificity"] for r in runs])),
+            }
+        )
+    return rows
+
+
 def plot(result: dict, path: Path, target: float) -> None:
     import matplotlib
 
@@ -90,7 +116,7 @@ def plot(result: dict, path: Path, target: float) -> None:
     import matplotlib.pyplot as plt
 
     units = sorted(result["units"])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(5.6, 0.45 * len(units) + 2)), sharey=True)
     for k, name in enumerate(RULES):
         y = np.arange(len(units)) + (k - len(RULES) / 2) * 0.1
         rows = [result["units"][u][name] for u in units]
@@ -117,17 +143,37 @@ def plot(result: dict, path: Path, target: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("loso", type=Path, help="a `skinscan loso --protocol finetune` output folder")
+    ap.add_argument(
+        "loso", type=Path, nargs="+", help="`skinscan loso --protocol finetune` output folders (other seeds pooled)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="where decision-rules.json, .md and .png go")
     ap.add_argument("--target", type=float, default=0.95, help="the sensitivity each unit must keep")
+    ap.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="decision-rules.json of earlier folders (e.g. their runs are gone) whose held-out runs are pooled in",
+    )
     args = ap.parse_args()
-    runs = sorted(r for r in args.loso.glob("held-out-*") if (r / "held_out_predictions.npz").is_file())
-    if not runs:
-        raise SystemExit(f"{args.loso}: no held-out-*/held_out_predictions.npz (run skinscan loso --protocol finetune)")
-    title = f"Decision rules on held-out sources ({args.loso.name})"
-    result: dict = {"title": title, "loso": str(args.loso), "target": args.target, "rules": RULES, "units": {}}
+    runs = []
+    for folder in args.loso:
+        found = sorted(r for r in folder.glob("held-out-*") if (r / "held_out_predictions.npz").is_file())
+        if not found:
+            raise SystemExit(
+                f"{folder}: no held-out-*/held_out_predictions.npz (run skinscan loso --protocol finetune)"
+            )
+        runs += found
+    names = [f.name for f in args.loso] + [Path(json.loads(p.read_text())["loso"]).name for p in args.pool]
+    title = f"Decision rules on held-out sources ({', '.join(names)})"
+    loso = [str(f) for f in args.loso]
+    result: dict = {"title": title, "loso": loso[0] if len(loso) == 1 else loso, "target": args.target}
+    result |= {"rules": RULES, "units": {}}
     for run in runs:
         unit, held, z_held, val, z_val = unit_rows(run)
+        if len(args.loso) + len(args.pool) > 1:
+            unit = f"{unit} ({run.parent.name})"
         result["units"][unit] = {}
         for name, kwargs in RULES.items():
             rule = decision_rule(z_val, val, **kwargs)
@@ -138,12 +184,29 @@ def main() -> None:
                 "validation_specificity": figures(val, pv, tv)["specificity"],
             }
         print(f"{unit}: done")
+    for path in args.pool:
+        earlier = json.loads(path.read_text())
+        if earlier["rules"] != RULES or isinstance(earlier["loso"], list):
+            raise SystemExit(f"{path}: another set of rules, or pooled already: measure its folder again")
+        result["pooled"] = [*result.get("pooled", []), str(path)]
+        name = Path(earlier["loso"]).name
+        result["units"] |= {f"{unit} ({name})": rows for unit, rows in earlier["units"].items()}
     result["chosen"] = choose(result, args.target)
+    result["summary"] = summary(result, args.target)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decision-rules.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "decision-rules.png", args.target)
     lines = [f"# {title}", "", f"Chosen: **{result['chosen']}**", ""]
     lines += [
+        f"| rule | held-out runs (>= {MIN_CANCERS} cancers) below {args.target} | sensitivity range | median specificity |",
+        "|---|---|---|---|",
+    ]
+    for row in result["summary"]:
+        below = f"{len(row['below'])} of {row['runs']}" + (f" ({', '.join(row['below'])})" if row["below"] else "")
+        lo, hi = row["sensitivity_range"]
+        lines.append(f"| {row['rule']} | {below} | {lo:.3f}-{hi:.3f} | {row['median_specificity']:.3f} |")
+    lines += [
+        "",
         "| held-out unit | rule | sens [95% CI] | spec | melanoma sens | spec w/o AK | referred |",
         "|---|---|---|---|---|---|---|",
     ]
