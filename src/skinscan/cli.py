@@ -662,6 +662,36 @@ def cmd_fit_answers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_thresholds(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .predict import Predictor
+
+    model = Predictor(args.model)  # a bad path or model: a clear error before anything is scored
+    held_out = model.card.validation_keys
+    datasets = ((model.card.model_extra or {}).get("training") or {}).get("data", {}).get("datasets", [])
+    if not held_out or not datasets:
+        raise SkinscanError(f"{args.model}'s card lists no validation photos (training.data.val_keys) to choose on")
+    records = [r for d in datasets for r in load_dataset(_resolve(args, Path(d).name)) if r.uid in held_out]
+    if len(records) < len(held_out):
+        raise SkinscanError(
+            f"{len(held_out) - len(records)} of the card's {len(held_out)} validation photos are missing under "
+            f"{_data_root(args)}: pass the folder holding {', '.join(Path(d).name for d in datasets)} with --data-root"
+        )
+    del model
+    from .export import refit_type_thresholds  # needs the train extra (MissingExtra says so)
+
+    section = refit_type_thresholds(args.model, records, args.target, progress=not args.quiet)
+    print(f"thresholds per photo type of {args.model}, {len(records)} validation photos: {section['threshold_rule']}")
+    for t, entry in section["types"].items():
+        before = section["threshold_fit"]["previous_thresholds"][t]["threshold"]
+        print(f"  {t:>12}: {before:.4f} -> {entry['threshold']:.4f} (calibrated probability)")
+    print("  as served, per source (sensitivity / specificity on its validation photos):")
+    for source, f in section["threshold_fit"]["as_served"].items():
+        sens, spec = (("-" if v is None else f"{v:.3f}") for v in (f["sensitivity"], f["specificity"]))
+        print(f"  {source:>22}: {sens} / {spec}  ({f['n']} photos, {f['n_malignant']} cancers)")
+    return 0
+
+
 # ---------------------------------------------------------------- batch (Ray Data)
 def cmd_batch(args: argparse.Namespace) -> int:
     from .errors import MissingExtra
@@ -1029,6 +1059,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--l2", type=float, default=1.0, help="ridge penalty on each answer's contrast (default 1)")
     p.set_defaults(func=cmd_fit_answers)
+
+    p = sub.add_parser(
+        "fit-thresholds",
+        parents=[common_data],
+        help="choose a model's threshold per photo type again, by the rule leave-one-source-out chose",
+        description="Score the validation photos the model's card lists (its training run's; never trained on) "
+        "with the model itself and set each photo type's threshold to the highest that keeps --target "
+        "sensitivity in every source of that type with enough cancers (skinscan.loso.decision_rule, the rule "
+        "`benchmarks/bench_decision_rules.py` compares on sources never seen). Rewrites the card (the ONNX file "
+        "and <name>.card.json); the previous thresholds stay in photo_types.threshold_fit. Needs the datasets "
+        "the model trained on and skinscan[train].",
+    )
+    p.add_argument("--model", required=True, help="ONNX model with photo types (export --photo-types); rewritten")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=0.98,
+        help="sensitivity to keep in every source of a type on the validation photos (default 0.98: the target "
+        "that kept 0.95 on every source held out, docs/sources.md)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit_thresholds)
 
     p = sub.add_parser(
         "batch",
