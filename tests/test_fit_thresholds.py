@@ -21,11 +21,15 @@ from skinscan.phototype import SOURCE_PHOTO_TYPE
 from skinscan.predict import Predictor
 
 
+def _copy(model: Path, to: Path) -> Path:
+    for suffix in (".onnx", ".card.json"):
+        shutil.copy(model.with_suffix("").with_suffix(suffix), to.with_suffix("").with_suffix(suffix))
+    return to
+
+
 @pytest.fixture
 def model_copy(tmp_path: Path, model_path: Path) -> Path:
-    for suffix in (".onnx", ".card.json"):
-        shutil.copy(model_path.with_suffix("").with_suffix(suffix), tmp_path / f"m{suffix}")
-    return tmp_path / "m.onnx"
+    return _copy(model_path, tmp_path / "m.onnx")
 
 
 def _sensitivity(logits: np.ndarray, labels: np.ndarray, boundary: float) -> float:
@@ -40,7 +44,11 @@ def test_each_type_takes_the_highest_boundary_that_keeps_the_target_in_every_sou
     # two sources with >= 20 validation cancers, one of each type (the whole validation set takes minutes)
     records = [r for d in (isic_mvb, pad_ufes) for r in load_dataset(d) if r.uid in held_out]
     target = 0.97
-    section = refit_type_thresholds(model_copy, records, target)
+    int8 = _copy(
+        predictor.model_path.with_name(predictor.model_path.stem + "-int8.onnx"), model_copy.parent / "m-int8.onnx"
+    )
+    section = refit_type_thresholds(model_copy, records, target, builds=[int8])
+    assert Predictor(int8).card.photo_types == section  # the int8 build carries the same decisions
 
     # The rewritten card is what a Predictor of the file serves, the previous thresholds kept beside.
     served = Predictor(model_copy)
@@ -98,3 +106,17 @@ def test_the_command_needs_the_training_datasets_and_a_sensible_target(
     assert model_copy.read_bytes() == before  # nothing rewritten
     with pytest.raises(SkinscanError, match=r"between 0\.5 and 1"):
         refit_type_thresholds(model_copy, [], 1.2)
+
+
+@pytest.mark.data
+def test_only_builds_of_the_same_model_share_its_thresholds(model_copy: Path, tmp_path: Path, isic_mvb: Path) -> None:
+    from skinscan.card import write_card
+
+    other = _copy(model_copy, tmp_path / "other.onnx")
+    card = Predictor(other).card.model_dump()
+    card["photo_types"]["types"]["phone"]["temperature"] *= 1.1  # calibrated otherwise: another model
+    write_card(other, card)
+    before = model_copy.read_bytes()
+    with pytest.raises(SkinscanError, match="not a build of the same model"):
+        refit_type_thresholds(model_copy, load_dataset(isic_mvb)[:4], 0.98, builds=[other])
+    assert model_copy.read_bytes() == before

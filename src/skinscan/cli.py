@@ -680,8 +680,9 @@ def cmd_fit_thresholds(args: argparse.Namespace) -> int:
     del model
     from .export import refit_type_thresholds  # needs the train extra (MissingExtra says so)
 
-    section = refit_type_thresholds(args.model, records, args.target, progress=not args.quiet)
-    print(f"thresholds per photo type of {args.model}, {len(records)} validation photos: {section['threshold_rule']}")
+    section = refit_type_thresholds(args.model, records, args.target, builds=args.builds, progress=not args.quiet)
+    names = ", ".join([args.model, *args.builds])
+    print(f"thresholds per photo type of {names}, {len(records)} validation photos: {section['threshold_rule']}")
     for t, entry in section["types"].items():
         before = section["threshold_fit"]["previous_thresholds"][t]["threshold"]
         print(f"  {t:>12}: {before:.4f} -> {entry['threshold']:.4f} (calibrated probability)")
@@ -1072,6 +1073,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the model trained on and skinscan[train].",
     )
     p.add_argument("--model", required=True, help="ONNX model with photo types (export --photo-types); rewritten")
+    p.add_argument(
+        "--builds",
+        nargs="+",
+        default=[],
+        metavar="ONNX",
+        help="other builds of the same model (its int8 build) that receive the same thresholds; rewritten",
+    )
     p.add_argument(
         "--target",
         type=float,

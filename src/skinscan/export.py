@@ -551,6 +551,7 @@ def refit_type_thresholds(
     val_records: Sequence[Record],
     target: float,
     *,
+    builds: Sequence[str | Path] = (),
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict:
@@ -558,9 +559,11 @@ def refit_type_thresholds(
     leave-one-source-out chose (`loso.decision_rule`): per photo type, the highest threshold that keeps
     `target` sensitivity in every source of that type with enough cancers (each photo's type its source's).
     Each type's boundary, in logit units, is then seen through the card's temperature for that *detected*
-    type, as served; the probe and the temperatures stay. The model's own logits decide (an fp32 and an int8
-    build each get theirs). Rewrites the card's `photo_types` thresholds and rule (the previous ones kept in
-    `threshold_fit`); returns the section."""
+    type, as served; the probe and the temperatures stay. The model's own logits decide; its other `builds`
+    (an int8 build, whose card `--int8` copied) receive the same section, as they carry its other decisions:
+    a boundary set by the one lowest-scoring cancer of a source moves with any small change of that logit.
+    Rewrites the cards' `photo_types` thresholds and rule (the previous ones kept in `threshold_fit`);
+    returns the section."""
     import copy
 
     from .card import ModelCard
@@ -574,6 +577,10 @@ def refit_type_thresholds(
     predictor = Predictor(onnx_path)
     if predictor.photo_types is None:
         raise SkinscanError(f"{onnx_path} has no photo types to set thresholds for: export it with --photo-types")
+    others = [Predictor(b) for b in builds]
+    for b, other in zip(builds, others, strict=True):
+        if other.card.photo_types != predictor.card.photo_types:
+            raise SkinscanError(f"{b} calibrates photo types unlike {onnx_path}: not a build of the same model")
     val, kept = _infer(predictor, [r.path for r in val_records], "validation", batch_size, progress)
     records = [val_records[i] for i in kept]
     rule = decision_rule(val["logit"], records, target)
@@ -609,10 +616,13 @@ def refit_type_thresholds(
         "previous_rule": predictor.card.photo_types.get("threshold_rule"),
         "previous_thresholds": previous,
     }
-    card = predictor.card.model_dump()
-    card[CARD_SECTION] = section
-    del predictor  # release the file before rewriting it
-    write_card(onnx_path, ModelCard(**card).model_dump())
+    cards = [(onnx_path, predictor.card.model_dump())] + [
+        (Path(b), o.card.model_dump()) for b, o in zip(builds, others, strict=True)
+    ]
+    del predictor, others  # release the files before rewriting them
+    for path, card in cards:
+        card[CARD_SECTION] = section
+        write_card(path, ModelCard(**card).model_dump())
     return section
 
 
