@@ -215,12 +215,17 @@ def test_the_default_model_tells_dermoscopic_from_phone_photos_and_calibrates_ea
         assert r.decision == ("refer" if r.logit >= section["types"][want]["threshold_logit"] else "monitor")
     temps = predictor.photo_types.temperatures
     assert temps["phone"] > temps["dermoscopic"]  # phone photos need the softer temperature
-    # one decision boundary for both types: the run's threshold (sensitivity >= target on each source's
-    # validation photos), in logit units, seen through each type's temperature
+    # a boundary per type, chosen again by `skinscan fit-thresholds` (the rule leave-one-source-out chose: a
+    # sensitivity target in every source of the type, on the validation photos), in logit units, seen through
+    # each type's temperature; the run's one boundary kept beside it
     card = predictor.card
+    fit = section["threshold_fit"]
+    assert fit["target"] > 0.95 and f">= {fit['target']:g} in every source" in section["threshold_rule"]
     boundary = card.temperature * np.log(card.threshold / (1 - card.threshold))
     for t in ("phone", "dermoscopic"):
-        assert section["types"][t]["threshold_logit"] == pytest.approx(boundary, abs=1e-9)
+        e = section["types"][t]
+        assert e["threshold_logit"] == pytest.approx(e["temperature"] * np.log(e["threshold"] / (1 - e["threshold"])))
+        assert fit["previous_thresholds"][t]["threshold_logit"] == pytest.approx(boundary, abs=1e-9)
 
 
 def test_the_probe_on_real_photos(predictor, isic_mvb, pad_ufes):
