@@ -568,6 +568,7 @@ def refit_type_thresholds(
 
     from .card import ModelCard
     from .loso import MIN_CANCERS_FOR_THRESHOLD, decision_rule
+    from .metrics import sigmoid
     from .phototype import CARD_SECTION
     from .predict import Predictor
 
@@ -590,7 +591,7 @@ def refit_type_thresholds(
         if t not in rule:
             raise SkinscanError(f"no validation photo of a {t} source: its threshold cannot be chosen")
         z = float(rule[t]["temperature"] * np.log(rule[t]["threshold"] / (1 - rule[t]["threshold"])))
-        entry["threshold_logit"], entry["threshold"] = z, float(1 / (1 + np.exp(-z / entry["temperature"])))
+        entry["threshold_logit"], entry["threshold"] = z, float(sigmoid(z / entry["temperature"]))
     detected = predictor.photo_types.detect(val["embedding"])
     refer = np.array([z >= section["types"][t]["threshold_logit"] for z, t in zip(val["logit"], detected, strict=True)])
     y, src = np.array([r.label for r in records]), np.array([r.source for r in records])
