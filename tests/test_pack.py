@@ -12,6 +12,7 @@ from PIL import Image
 from skinscan.cli import main
 from skinscan.data import load_dataset
 from skinscan.preprocess import PreprocessSpec, load_pixels
+from skinscan.stamps import INK_CIRCLE, ink_circle
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def test_the_pack_reads_like_the_originals(packed: Path, pad_ufes: Path) -> None
     assert [(r.uid, r.label, r.source, r.group, r.patient, r.diagnosis) for r in copy] == fields
     assert (packed / pad_ufes.name / "labels.csv").read_bytes() == (pad_ufes / "labels.csv").read_bytes()
     info = json.loads((packed / "PACK.json").read_text())
-    assert info["images"] == len(original) and not info["unreadable"] and info["format"] == "WEBP"
+    assert info["images"] + len(info["kept_as_is"]) == len(original) and not info["unreadable"]
+    assert info["format"] == "WEBP"
     size = sum(p.stat().st_size for p in packed.rglob("*") if p.is_file())
     assert info["bytes"] <= size and info["bytes"] / len(original) < 4000  # about 2.7 kB a photo
 
@@ -57,3 +59,14 @@ def test_pack_refuses_to_overwrite_and_says_when_it_is_too_large(
     assert (tmp_path / "small" / "PACK.json").is_file()  # the pack written is kept
     assert main(["pack", str(tmp_path / "none"), "--data-root", str(tmp_path), "--datasets", "nope"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_the_pack_keeps_the_photo_a_mark_is_cut_from_so_stamp_augment_pastes_the_same_mark(
+    packed: Path, pad_ufes: Path
+) -> None:
+    rel = INK_CIRCLE[0]  # the phone set's ink circle: cut by a crop box in the original photo's pixels
+    assert json.loads((packed / "PACK.json").read_text())["kept_as_is"] == [rel]
+    assert (packed / rel).read_bytes() == (pad_ufes.parent / rel).read_bytes()
+    cut, from_pack = ink_circle(pad_ufes.parent), ink_circle(packed)
+    assert from_pack.size == cut.size and np.array_equal(np.asarray(from_pack), np.asarray(cut))

@@ -2,7 +2,8 @@
 64 MiB in all): every image replaced, under the same name, by what training reads of it, the model's input
 square (`preprocess.load_pixels`), saved as WebP; every other file (labels, manifests, README) copied as it
 is. Readers, splits, groups and sources work on the pack unchanged (`--data-root PACK`); Pillow reads an
-image by its content, not its name.
+image by its content, not its name. The four photos `stamp_augment` cuts its marks from (crop boxes in their own
+pixels, `stamps.SOURCE_PHOTOS`) are copied as they are (120 kB), so a run on the pack pastes the same marks.
 
 What a run on the pack sees differs from the originals only by WebP's loss (`quality`); the shorter side the
 quality gate reads is the square's, so gate fits belong on the originals. Written with `skinscan pack`.
@@ -22,6 +23,7 @@ from PIL import Image
 from .data import IMAGE_SUFFIXES
 from .errors import InvalidImage, SkinscanError
 from .preprocess import PreprocessSpec, load_pixels
+from .stamps import SOURCE_PHOTOS
 
 PACK_INFO = "PACK.json"
 
@@ -60,8 +62,9 @@ def pack_datasets(
         files += [(p, out / name / p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file()]
     if (Path(data_root) / "README.md").is_file():  # what the datasets are and their licences
         files.append((Path(data_root) / "README.md", out / "README.md"))
-    images = [(src, dst) for src, dst in files if src.suffix.lower() in IMAGE_SUFFIXES]
-    others = [(src, dst) for src, dst in files if src.suffix.lower() not in IMAGE_SUFFIXES]
+    kept = {str(Path(data_root) / rel) for rel in SOURCE_PHOTOS}
+    images = [(src, dst) for src, dst in files if src.suffix.lower() in IMAGE_SUFFIXES and str(src) not in kept]
+    others = [(src, dst) for src, dst in files if src.suffix.lower() not in IMAGE_SUFFIXES or str(src) in kept]
     for src, dst in others:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
@@ -84,6 +87,7 @@ def pack_datasets(
     info = {
         "datasets": list(datasets),
         "images": len(images) - len(unreadable),
+        "kept_as_is": sorted(str(src.relative_to(data_root)) for src, _ in others if str(src) in kept),
         "unreadable": sorted(unreadable),
         "image_bytes": sum(sizes),
         "bytes": total,

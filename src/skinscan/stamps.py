@@ -34,6 +34,8 @@ DERMNET_LOGO = ("clinical-atlas/images/dermnet-nz/actinic_keratosis-5f0099f14eae
 SFS_TEXT = ("clinical-atlas/images/fitzpatrick17k/scc-22bd8aa5373f1091456b7f40af1ce786.jpg", (8, 233, 46, 254))
 RULER = ("isic-archive-more/images/ISIC_0015144.jpg", (0, 203, 224, 224))
 INK_CIRCLE = ("pad-ufes-20-phone/images/PAT_2080_4484_997.jpg", (170, 210, 600, 550))
+# the photos the marks are cut from: `skinscan pack` keeps them as they are, so a run on the pack cuts the same marks
+SOURCE_PHOTOS = tuple(rel for rel, _ in (DERMNET_LOGO, SFS_TEXT, RULER, INK_CIRCLE))
 INK_WIDTH = 128  # the ink circle is stored at this width (px): pasting rescales it anyway
 VIGNETTE_SIZE = 128
 
@@ -118,7 +120,7 @@ def build_stamps(data_root: str | Path) -> dict[str, Image.Image]:
     from .errors import SkinscanError
 
     root = Path(data_root)
-    missing = [rel for rel, _ in (DERMNET_LOGO, SFS_TEXT, RULER, INK_CIRCLE) if not (root / rel).is_file()]
+    missing = [rel for rel in SOURCE_PHOTOS if not (root / rel).is_file()]
     if missing:
         raise SkinscanError(f"{root}: the stamps are cut from photos that are missing there ({', '.join(missing)})")
     return {
