@@ -53,13 +53,17 @@ def test_each_type_takes_the_highest_boundary_that_keeps_the_target_in_every_sou
     # The rewritten card is what a Predictor of the file serves, the previous thresholds kept beside.
     served = Predictor(model_copy)
     before = predictor.card.photo_types["types"]
+    exported = predictor.card.photo_types["threshold_fit"]["previous_thresholds"]
+    assert section["threshold_fit"]["previous_rule"] == predictor.card.photo_types["threshold_fit"]["previous_rule"]
     for t, entry in section["types"].items():
         assert served.threshold_for(t) == pytest.approx(entry["threshold"])
         assert entry["threshold_logit"] == pytest.approx(
             entry["temperature"] * np.log(entry["threshold"] / (1 - entry["threshold"]))
         )
         assert entry["temperature"] == before[t]["temperature"]  # the temperatures stay
-        assert section["threshold_fit"]["previous_thresholds"][t]["threshold"] == before[t]["threshold"]
+        # the bundled card was fitted before: a refit keeps what the export chose as the record
+        assert section["threshold_fit"]["previous_thresholds"][t] == exported[t]
+        assert exported[t]["threshold"] != before[t]["threshold"]
     assert f">= {target:g}" in served.card.photo_types["threshold_rule"]
     beside = json.loads(model_copy.with_suffix("").with_suffix(".card.json").read_text())
     assert beside["photo_types"]["types"] == served.card.photo_types["types"]

@@ -685,7 +685,7 @@ def cmd_fit_thresholds(args: argparse.Namespace) -> int:
     print(f"thresholds per photo type of {names}, {len(records)} validation photos: {section['threshold_rule']}")
     for t, entry in section["types"].items():
         before = section["threshold_fit"]["previous_thresholds"][t]["threshold"]
-        print(f"  {t:>12}: {before:.4f} -> {entry['threshold']:.4f} (calibrated probability)")
+        print(f"  {t:>12}: {before:.4f} (the export's) -> {entry['threshold']:.4f} (calibrated probability)")
     print("  as served, per source (sensitivity / specificity on its validation photos):")
     for source, f in section["threshold_fit"]["as_served"].items():
         sens, spec = (("-" if v is None else f"{v:.3f}") for v in (f["sensitivity"], f["specificity"]))
@@ -1069,8 +1069,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with the model itself and set each photo type's threshold to the highest that keeps --target "
         "sensitivity in every source of that type with enough cancers (skinscan.loso.decision_rule, the rule "
         "`benchmarks/bench_decision_rules.py` compares on sources never seen). Rewrites the card (the ONNX file "
-        "and <name>.card.json); the previous thresholds stay in photo_types.threshold_fit. Needs the datasets "
-        "the model trained on and skinscan[train].",
+        "and <name>.card.json); the export's thresholds stay in photo_types.threshold_fit, through refits. Needs "
+        "the datasets the model trained on and skinscan[train].",
     )
     p.add_argument("--model", required=True, help="ONNX model with photo types (export --photo-types); rewritten")
     p.add_argument(

@@ -562,8 +562,8 @@ def refit_type_thresholds(
     type, as served; the probe and the temperatures stay. The model's own logits decide; its other `builds`
     (an int8 build, whose card `--int8` copied) receive the same section, as they carry its other decisions:
     a boundary set by the one lowest-scoring cancer of a source moves with any small change of that logit.
-    Rewrites the cards' `photo_types` thresholds and rule (the previous ones kept in `threshold_fit`);
-    returns the section."""
+    Rewrites the cards' `photo_types` thresholds and rule (the export's kept in `threshold_fit`, through any
+    number of refits); returns the section."""
     import copy
 
     from .card import ModelCard
@@ -587,6 +587,9 @@ def refit_type_thresholds(
     rule = decision_rule(val["logit"], records, target)
     section = copy.deepcopy(predictor.card.photo_types)
     previous = {t: {k: e[k] for k in ("threshold", "threshold_logit")} for t, e in section["types"].items()}
+    previous_rule = section.get("threshold_rule")
+    if "threshold_fit" in section:  # a refit: what the export chose stays the record, not the last fit
+        previous, previous_rule = (section["threshold_fit"][k] for k in ("previous_thresholds", "previous_rule"))
     for t, entry in section["types"].items():
         if t not in rule:
             raise SkinscanError(f"no validation photo of a {t} source: its threshold cannot be chosen")
@@ -614,7 +617,7 @@ def refit_type_thresholds(
         "target": target,
         "validation_photos": len(records),
         "as_served": served,  # each photo judged by its detected type, as served
-        "previous_rule": predictor.card.photo_types.get("threshold_rule"),
+        "previous_rule": previous_rule,  # the export's (kept through refits)
         "previous_thresholds": previous,
     }
     cards = [(onnx_path, predictor.card.model_dump())] + [
