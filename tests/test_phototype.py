@@ -197,22 +197,24 @@ def test_a_type_with_too_few_validation_photos_keeps_the_global_temperature():
 def test_the_default_model_tells_dermoscopic_from_phone_photos_and_calibrates_each(predictor):
     if predictor.photo_types is None:
         pytest.fail("the bundled default model should carry a photo_types section (export --photo-types)")
-    cases = {
-        "isic-benign-1.jpg": "dermoscopic",
-        "isic-malignant-1.jpg": "dermoscopic",
-        "phone-benign-nevus.jpg": "phone",
-        "phone-malignant-bcc.jpg": "phone",
-    }
-    results = predictor.predict([EXAMPLES / name for name in cases], force=True)
+    names = sorted(p.name for p in EXAMPLES.glob("*.jpg"))  # four archive images, two phone photos
+    results = predictor.predict([EXAMPLES / name for name in names], force=True)
+    typed = dict(zip(names, (r.photo_type for r in results), strict=True))
+    # a phone photo judged dermoscopic would get the threshold that refers less: never on these
+    assert all(typed[n] == "phone" for n in names if n.startswith("phone-")), typed
+    # the rule errs the other way: a dermoscopic image the probe is unsure of counts as a phone photo
+    # (2026.12.07-sources: isic-malignant-1.jpg, hairs and bubbles and no field edge); the probe's
+    # accuracy is measured on held-out photos below
+    archive = [typed[n] for n in names if n.startswith("isic-")]
+    assert archive.count("dermoscopic") >= 3, typed
     section = predictor.card.photo_types
-    for r, want in zip(results, cases.values(), strict=True):
-        assert r.photo_type == want
-        t = predictor.photo_types.temperatures[want]
+    for r in results:
+        t = predictor.photo_types.temperatures[r.photo_type]
         assert r.probability == pytest.approx(float(sigmoid(r.logit / t)), abs=1e-9)
-        assert r.threshold == predictor.threshold_for(want) == section["types"][want]["threshold"]
+        assert r.threshold == predictor.threshold_for(r.photo_type) == section["types"][r.photo_type]["threshold"]
         assert r.decision == ("refer" if r.probability >= r.threshold else "monitor")
         # the type's threshold in logit units tells the same
-        assert r.decision == ("refer" if r.logit >= section["types"][want]["threshold_logit"] else "monitor")
+        assert r.decision == ("refer" if r.logit >= section["types"][r.photo_type]["threshold_logit"] else "monitor")
     temps = predictor.photo_types.temperatures
     assert temps["phone"] > temps["dermoscopic"]  # phone photos need the softer temperature
     # a boundary per type, chosen again by `skinscan fit-thresholds` (the rule leave-one-source-out chose: a
