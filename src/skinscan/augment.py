@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -55,12 +55,44 @@ def _photometric(phone: bool) -> list:
     ]
 
 
-def build_augment(
-    preset: str, size: int, stamps: Mapping[str, Any] | None = None, stamp_p: float = 0.0
-) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
-    """Return `aug(pixels, rng) -> pixels` for a preset in PRESETS. With `stamps` (name -> RGBA image,
-    `skinscan.stamps.build_stamps`), a share `stamp_p` of the draws first gets one of them pasted at random
-    (`shortcuts.random_stamp`: counterfactual augmentation, so that no source's mark predicts the label)."""
+class Augment:
+    """`aug(pixels, rng) -> pixels`: one training draw's augmentation (`build_augment`). `aug.pair(pixels, rng)`
+    draws the same and also returns the photo's clean twin when a mark was pasted: the same photo through the
+    same geometric and photometric draw without the mark (None when no mark was pasted), for training's
+    `stamp_consistency`. Both consume `rng` alike, so a run's draws do not depend on asking for twins."""
+
+    def __init__(self, pipeline, stamps: Mapping[str, Any] | None, stamp_p: float):
+        self.pipeline, self.stamps, self.stamp_p = pipeline, stamps, stamp_p
+
+    def pair(self, pixels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._draw(pixels, rng, twin=True)
+
+    def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._draw(pixels, rng, twin=False)[0]
+
+    def _draw(self, pixels: np.ndarray, rng: np.random.Generator, twin: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        clean = pixels
+        stamped = self.stamp_p > 0 and rng.random() < self.stamp_p
+        if stamped:
+            from .shortcuts import random_stamp
+
+            pixels = random_stamp(pixels, self.stamps, rng)
+        twin = twin and stamped
+        if self.pipeline is None:
+            return pixels, clean if twin else None
+        seed = int(rng.integers(2**31 - 1))
+        self.pipeline.set_random_seed(seed)
+        out = self.pipeline(image=pixels)["image"]
+        if not twin:
+            return out, None
+        self.pipeline.set_random_seed(seed)
+        return out, self.pipeline(image=clean)["image"]
+
+
+def build_augment(preset: str, size: int, stamps: Mapping[str, Any] | None = None, stamp_p: float = 0.0) -> Augment:
+    """Return `aug(pixels, rng) -> pixels` (an `Augment`) for a preset in PRESETS. With `stamps` (name -> RGBA
+    image, `skinscan.stamps.build_stamps`), a share `stamp_p` of the draws first gets one of them pasted at
+    random (`shortcuts.random_stamp`: counterfactual augmentation, so that no source's mark predicts the label)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if preset == "none":
@@ -72,15 +104,4 @@ def build_augment(
         pipeline = A.Compose([*_geometric(size, phone), *_photometric(phone)], seed=None)
     if stamp_p > 0 and not stamps:
         raise ValueError("stamp augmentation needs the stamps (skinscan.stamps.build_stamps)")
-
-    def aug(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if stamp_p > 0 and rng.random() < stamp_p:
-            from .shortcuts import random_stamp
-
-            pixels = random_stamp(pixels, stamps, rng)
-        if pipeline is None:
-            return pixels
-        pipeline.set_random_seed(int(rng.integers(2**31 - 1)))
-        return pipeline(image=pixels)["image"]
-
-    return aug
+    return Augment(pipeline, stamps, stamp_p)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .preprocess import PreprocessSpec
@@ -52,11 +52,20 @@ class TrainConfig(BaseModel):
     patience: int = Field(ge=1)
     augment: Literal["none", "standard", "phone"]
     stamp_augment: float = Field(default=0.0, ge=0.0, le=1.0)
+    stamp_consistency: float = Field(default=0.0, ge=0.0)
     stamps_from: str | None = None
     workers: int = Field(ge=0)
     device: Literal["cpu", "cuda", "auto"]
     threads: int | None = Field(default=None, ge=1)
     target_sensitivity: float = Field(gt=0.5, le=1.0)
+
+    @model_validator(mode="after")
+    def _consistency_needs_marks(self) -> TrainConfig:
+        if self.stamp_consistency > 0 and not self.stamp_augment:
+            raise ValueError(
+                "stamp_consistency needs stamp_augment > 0 (the marked draws it compares with their twins)"
+            )
+        return self
 
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing these settings train with; export copies it into the model card."""
@@ -112,5 +121,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
         raise ConfigError(f"invalid setting: {problems}") from None

@@ -131,19 +131,34 @@ def _cache_pixels(records: list[Record], spec: PreprocessSpec, desc: str, progre
 
 
 class _ImageSet(Dataset):
+    """Training draws: (pixels, label, diagnosis), and with `twins` also the draw's clean twin (zeros where no
+    mark was pasted) and whether it has one (`augment.Augment.pair`)."""
+
     def __init__(
-        self, pixels: np.ndarray, labels: np.ndarray, diagnoses: np.ndarray, spec: PreprocessSpec, augment, seed: int
+        self,
+        pixels: np.ndarray,
+        labels: np.ndarray,
+        diagnoses: np.ndarray,
+        spec: PreprocessSpec,
+        augment,
+        seed: int,
+        twins: bool = False,
     ):
         self.pixels, self.labels, self.diagnoses, self.spec, self.augment = pixels, labels, diagnoses, spec, augment
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.twins = seed, 0, twins
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng((self.seed, self.epoch, i))  # reproducible per epoch and image
-        x = normalise(self.augment(self.pixels[i], rng), self.spec)
-        return torch.from_numpy(x), torch.tensor(float(self.labels[i])), torch.tensor(int(self.diagnoses[i]))
+        y, d = torch.tensor(float(self.labels[i])), torch.tensor(int(self.diagnoses[i]))
+        if not self.twins:
+            return torch.from_numpy(normalise(self.augment(self.pixels[i], rng), self.spec)), y, d
+        px, clean = self.augment.pair(self.pixels[i], rng)
+        x = torch.from_numpy(normalise(px, self.spec))
+        twin = torch.zeros_like(x) if clean is None else torch.from_numpy(normalise(clean, self.spec))
+        return x, y, d, twin, torch.tensor(clean is not None)
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -303,7 +318,7 @@ def _fit(
     d_train = np.array([DIAGNOSES.index(r.diagnosis) if r.diagnosis else -1 for r in train_recs], dtype=np.int64)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     augment = build_augment(cfg.augment, cfg.image_size, stamps, cfg.stamp_augment)
-    dataset = _ImageSet(train_px, y_train, d_train, spec, augment, cfg.seed)
+    dataset = _ImageSet(train_px, y_train, d_train, spec, augment, cfg.seed, twins=cfg.stamp_consistency > 0)
     gen = torch.Generator().manual_seed(cfg.seed)
     draws = sampling_weights(train_recs, cfg.source_weights, cfg.source_balance, cfg.diagnosis_balance)
     sampler = None
@@ -357,9 +372,9 @@ def _fit(
             break
         dataset.epoch = epoch
         model.train()
-        losses, train_logits, train_y = [], [], []
+        losses, train_logits, train_y, mark_shifts = [], [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
-        for x, y, d in bar:
+        for x, y, d, *twins in bar:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y, d = y.to(device), d.to(device)
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
@@ -368,6 +383,10 @@ def _fit(
             if diag_logits is not None and bool((d >= 0).any()):
                 # mean over the records that carry a diagnosis, weighted against the malignancy loss
                 loss = loss + cfg.diagnosis_weight * diagnosis_loss(diag_logits, d) / (d >= 0).sum()
+            if twins and bool(twins[1].any()):
+                shift = logits[twins[1].to(device)] - _twin_logits(model, twins[0][twins[1]], device)
+                loss = loss + cfg.stamp_consistency * (shift**2).mean()
+                mark_shifts.append(shift.detach().float().cpu().numpy())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -387,6 +406,10 @@ def _fit(
             "lr": float(scheduler.get_last_lr()[0]),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        if cfg.stamp_consistency > 0:  # how far a pasted mark moved the logit during the epoch (marked - clean)
+            shifts = np.concatenate(mark_shifts) if mark_shifts else np.zeros(0)
+            row["mark_shift_mean"] = float(shifts.mean()) if len(shifts) else float("nan")
+            row["mark_shift_median_abs"] = float(np.median(np.abs(shifts))) if len(shifts) else float("nan")
         history.append(row)
         improved = row["val_auc"] > best_auc
         if improved:
@@ -469,6 +492,18 @@ def _fit(
     return RunResult(
         run, best["epoch"], best_auc, calibration["temperature"], calibration["threshold"], len(history), seconds
     )
+
+
+def _twin_logits(model: LesionNet, twins: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The clean twins' malignancy logits, the fixed target of `stamp_consistency`: without gradient and in
+    eval mode (running batch-norm statistics, no dropout), so they cost a forward pass of the marked draws
+    only and leave the batch-norm statistics alone."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(twins.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+    finally:
+        model.train()
 
 
 def _balanced(cfg: TrainConfig) -> bool:
