@@ -147,6 +147,70 @@ def test_stamp_augmentation_pastes_every_mark_at_random_and_only_at_its_share(st
         build_augment("none", 224, None, stamp_p=0.5)
 
 
+def test_a_marked_draw_and_its_clean_twin_differ_by_the_mark_alone():
+    """stamp_consistency compares a marked draw with its twin: the same photo through the same augmentation
+    draw, without the mark; asking for twins never changes the draws themselves."""
+    from skinscan.augment import build_augment
+
+    px = (np.random.default_rng(1).random((256, 256, 3)) * 255).astype(np.uint8)
+    clear = {name: Image.new("RGBA", (64, 64), (0, 0, 0, 0)) for name in PLACEMENTS}
+    aug = build_augment("phone", 224, clear, stamp_p=1.0)
+    for i in range(12):  # an invisible mark: the twin is the very same crop, flip, colour and noise
+        marked, twin = aug.pair(px, np.random.default_rng(i))
+        assert twin is not None and marked.shape == (224, 224, 3) and (marked == twin).all()
+    solid = {name: Image.new("RGBA", (64, 64), (255, 0, 255, 255)) for name in PLACEMENTS}
+    marked, twin = build_augment("none", 224, solid, stamp_p=1.0).pair(px, np.random.default_rng(0))
+    assert (twin == px).all() and (marked != px).any()  # the twin is the photo, the draw carries the mark
+    aug = build_augment("phone", 224, solid, stamp_p=0.3)
+    pairs = [aug.pair(px, np.random.default_rng(i)) for i in range(40)]
+    assert all((aug(px, np.random.default_rng(i)) == pairs[i][0]).all() for i in range(40))
+    has_twin = [t is not None for _, t in pairs]
+    assert 0 < sum(has_twin) < 40  # only the marked draws have one
+    for marked, twin in (p for p, h in zip(pairs, has_twin, strict=True) if h):
+        assert (marked != twin).any()
+
+
+def test_the_twins_are_scored_in_eval_mode_without_touching_training_state():
+    torch = pytest.importorskip("torch", reason="needs the train extra")
+    from skinscan.model import LesionNet
+    from skinscan.train import _twin_logits
+
+    torch.manual_seed(0)
+    model = LesionNet(pretrained=False, image_size=64).train()
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x = torch.randn(4, 3, 64, 64)
+    z = _twin_logits(model, x, torch.device("cpu"))
+    assert model.training and not z.requires_grad
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())  # batch-norm statistics kept
+    with torch.no_grad():
+        assert torch.allclose(z, model.eval()(x))  # the eval-mode logits
+
+
+def test_stamp_consistency_needs_the_marks():
+    from skinscan.config import load_config
+    from skinscan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^invalid setting: stamp_consistency needs stamp_augment > 0"):
+        load_config(overrides={"stamp_consistency": 1.0})
+    assert load_config(overrides={"stamp_consistency": 1.0, "stamp_augment": 0.3}).stamp_consistency == 1.0
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_training_with_stamp_consistency_records_how_far_the_marks_moved_the_logit(tmp_path, isic_mvb, stamps):
+    pytest.importorskip("torch", reason="needs the train extra")
+    import csv
+
+    from skinscan.config import load_config
+    from skinscan.train import train
+
+    overrides = {"data": str(isic_mvb), "limit": 48, "epochs": 1, "batch_size": 16, "threads": 2}
+    cfg = load_config(overrides={**overrides, "stamp_augment": 0.5, "stamp_consistency": 1.0})
+    train(cfg, tmp_path / "run", progress=False)
+    (row,) = csv.DictReader((tmp_path / "run" / "history.csv").open())
+    assert np.isfinite(float(row["mark_shift_mean"])) and float(row["mark_shift_median_abs"]) > 0
+
+
 def test_stamp_augmentation_without_the_datasets_is_a_clear_config_error(tmp_path):
     pytest.importorskip("torch", reason="needs the train extra")
     from skinscan.config import load_config
