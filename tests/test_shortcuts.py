@@ -170,20 +170,30 @@ def test_a_marked_draw_and_its_clean_twin_differ_by_the_mark_alone():
         assert (marked != twin).any()
 
 
-def test_the_twins_are_scored_in_eval_mode_without_touching_training_state():
+def test_the_penalty_compares_each_marked_draw_with_its_own_twin_and_reaches_both():
     torch = pytest.importorskip("torch", reason="needs the train extra")
     from skinscan.model import LesionNet
-    from skinscan.train import _twin_logits
+    from skinscan.train import _forward_with_twins
 
     torch.manual_seed(0)
-    model = LesionNet(pretrained=False, image_size=64).train()
-    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model = LesionNet(dropout=0.0, pretrained=False, image_size=64, n_diagnoses=10).train()
+    params = model.backbone._global_params  # no stochastic depth: a twin's pass is then the draw's own
+    model.backbone._global_params = params._replace(drop_connect_rate=0.0)
     x = torch.randn(4, 3, 64, 64)
-    z = _twin_logits(model, x, torch.device("cpu"))
-    assert model.training and not z.requires_grad
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())  # batch-norm statistics kept
-    with torch.no_grad():
-        assert torch.allclose(z, model.eval()(x))  # the eval-mode logits
+    has_twin = torch.tensor([True, False, True, False])
+    twins = torch.where(has_twin[:, None, None, None], x, torch.zeros_like(x))
+    logits, diag_logits, shift = _forward_with_twins(model, x, twins, has_twin)
+    assert logits.shape == (4,) and diag_logits.shape == (4, 10) and shift.shape == (2,)
+    assert torch.allclose(shift, torch.zeros(2), atol=1e-4)  # an unmarked twin is the draw itself
+    twins = twins.clone()
+    twins[2, :, :16, :16] += 3.0  # a mark on the second marked draw's twin only
+    twins.requires_grad_(True)
+    _, _, shift = _forward_with_twins(model, x, twins, has_twin)
+    assert abs(shift[0]) < 1e-4 < abs(shift[1])
+    (grad,) = torch.autograd.grad((shift**2).sum(), [twins])
+    assert grad[2].abs().sum() > 0 and grad[[1, 3]].abs().sum() == 0  # the twin's side too; unmarked draws have none
+    logits, diag_logits, shift = _forward_with_twins(model, x, twins, torch.zeros(4, dtype=torch.bool))
+    assert shift is None and logits.shape == (4,)
 
 
 def test_stamp_consistency_needs_the_marks():

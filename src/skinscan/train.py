@@ -378,13 +378,12 @@ def _fit(
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y, d = y.to(device), d.to(device)
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-            logits, diag_logits = model.forward_both(x)
+            logits, diag_logits, shift = _forward_with_twins(model, x, *twins, device=device)
             loss = loss_fn(logits, target)
             if diag_logits is not None and bool((d >= 0).any()):
                 # mean over the records that carry a diagnosis, weighted against the malignancy loss
                 loss = loss + cfg.diagnosis_weight * diagnosis_loss(diag_logits, d) / (d >= 0).sum()
-            if twins and bool(twins[1].any()):
-                shift = logits[twins[1].to(device)] - _twin_logits(model, twins[0][twins[1]], device)
+            if shift is not None:
                 loss = loss + cfg.stamp_consistency * (shift**2).mean()
                 mark_shifts.append(shift.detach().float().cpu().numpy())
             optimiser.zero_grad(set_to_none=True)
@@ -494,16 +493,26 @@ def _fit(
     )
 
 
-def _twin_logits(model: LesionNet, twins: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The clean twins' malignancy logits, the fixed target of `stamp_consistency`: without gradient and in
-    eval mode (running batch-norm statistics, no dropout), so they cost a forward pass of the marked draws
-    only and leave the batch-norm statistics alone."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(twins.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-    finally:
-        model.train()
+def _forward_with_twins(
+    model: LesionNet,
+    x: torch.Tensor,
+    twins: torch.Tensor | None = None,
+    has_twin: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The batch's malignancy and diagnosis logits and, for `stamp_consistency`, each marked draw's logit
+    minus its clean twin's (None without twins). The twins go through the network in the same training-mode
+    pass as the batch (the same batch-norm statistics; eval mode's running statistics lag far behind a
+    fine-tuning network) and the change is penalised on both sides. They add a forward and backward pass
+    per marked draw, and enter no other loss."""
+    if twins is None or not bool(has_twin.any()):
+        logits, diag_logits = model.forward_both(x)
+        return logits, diag_logits, None
+    n = len(x)
+    clean = twins[has_twin].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    logits, diag_logits = model.forward_both(torch.cat([x, clean]))
+    shift = logits[:n][has_twin.to(device)] - logits[n:]
+    return logits[:n], None if diag_logits is None else diag_logits[:n], shift
 
 
 def _balanced(cfg: TrainConfig) -> bool:
