@@ -57,6 +57,8 @@ def main() -> None:
         records += [r for r in recs if d == "isic-mvb" or r.source not in seen or not held_out or r.uid in held_out]
     probs, preds = score(predictor, records)
     result: dict = {"model": predictor.info(), "held_out": {}, "gate": {}}
+    # without the gate no photo can be called "not a lesion": say so rather than print 0%
+    has_gate = bool(getattr(predictor.card, "quality_gate", None))
     for source in sorted({r.source for r in records}):
         ix = [i for i, r in enumerate(records) if r.source == source and preds[i].ok]
         recs = [records[i] for i in ix]
@@ -78,11 +80,12 @@ def main() -> None:
         result["held_out"][name]["photo_types"] = dict(Counter(preds[i].photo_type for i in ix))
         refused = [NOT_A_LESION in (preds[i].quality_report.problems if preds[i].quality_report else ()) for i in ix]
         retake = [preds[i].quality == "retake" for i in ix]
-        entry = {"n": len(ix), "not_a_lesion": float(np.mean(refused)), "any_retake": float(np.mean(retake))}
+        entry = {"n": len(ix), "not_a_lesion": float(np.mean(refused)) if has_gate else None}
+        entry["any_retake"] = float(np.mean(retake))
         groups = [SKIN_TYPE_GROUPS.get(r.skin_type) for r in recs]
         for g in SKIN_GROUP_ORDER:
             m = [k for k, v in enumerate(groups) if v == g]
-            if m:
+            if m and has_gate:
                 entry[f"not_a_lesion_{g}"] = float(np.mean([refused[k] for k in m]))
                 entry[f"n_{g}"] = len(m)
         result["gate"][source] = entry
@@ -95,7 +98,10 @@ def main() -> None:
     ]
     for s, e in result["gate"].items():
         by = " / ".join(f"{e[f'not_a_lesion_{g}']:.3f}" if f"not_a_lesion_{g}" in e else "-" for g in SKIN_GROUP_ORDER)
-        gate_rows.append(f"| {s} | {e['n']} | {e['not_a_lesion']:.3f} | {e['any_retake']:.3f} | {by} |")
+        refused = "-" if e["not_a_lesion"] is None else f"{e['not_a_lesion']:.3f}"
+        gate_rows.append(f"| {s} | {e['n']} | {refused} | {e['any_retake']:.3f} | {by} |")
+    if not has_gate:
+        gate_rows.append('\nThis model has no "not a lesion" check (exported without `--gate`): image quality only.')
     text = (
         f"# {predictor.card.name} {predictor.card.version} on every source\n\n"
         f"`python benchmarks/bench_sources.py{' --model ' + args.model if args.model else ''} --out {args.out}`\n\n"
