@@ -377,3 +377,49 @@ def test_a_stamp_does_not_move_the_default_model_on_held_out_benign_photos(defau
         f"benign photos (mean {e.mean_change:+.4f}, p90 {e.p90_abs_change:.4f}, decisions flipped {e.flipped:.1%}): "
         "the model responds to the mark, not only to the lesion"
     )
+
+
+def test_the_tradeoff_plot_draws_the_committed_results_and_names_the_shipped_default(tmp_path):
+    """benchmarks/plot_shortcuts_tradeoff.py reads what bench_shortcuts.py and bench_sources.py wrote: each run's
+    mean AUC is the mean over its units, its marks are the benchmark's, and the run it calls shipped is the
+    bundled default (a new default left with stale results turns this red)."""
+    import json
+    import subprocess
+    import sys
+
+    from skinscan.predict import Predictor
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "plot_shortcuts_tradeoff.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000 and "| largest |" in (
+        tmp_path / "tradeoff.md"
+    ).read_text()
+    for run in runs:
+        assert run["mean_auc"] == pytest.approx(np.mean(list(run["auc"].values())))
+        assert set(run["median_abs_change"]) == set(PLACEMENTS)
+    shipped = [r for r in runs if "shipped" in r["label"]]
+    assert len(shipped) == 1 and shipped[0]["model"] == Predictor().card.version
+    default_marks = json.loads((root / "benchmarks/results/shortcuts-default/shortcuts.json").read_text())
+    assert shipped[0]["median_abs_change"]["vignette"] == next(
+        e["median_abs_change"] for e in default_marks["all"]["effects"] if e["stamp"] == "vignette"
+    )
+    # a folder that holds no results is a plain error, not a traceback
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--out",
+            str(tmp_path / "x"),
+            "--run",
+            "gone",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "error: gone: no results at" in missing.stderr
+    assert "Traceback" not in missing.stderr
