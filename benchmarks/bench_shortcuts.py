@@ -8,6 +8,10 @@ Held out = what the model's card says it never trained on (`skinscan.shortcuts.h
 split, the sources it never saw, and its validation photos where the card lists them (`val_keys`). A stamp
 skips the photos of the sources that already carry it (the logo on DermNet photos).
 
+Beside the marks, the same photos under changes that carry no mark (`skinscan.shortcuts.CONTROLS`: mirrored,
+moved by 4 px, saved again as a JPEG of quality 90): how far the model moves for nothing, the floor against
+which the marks' changes read.
+
     python benchmarks/bench_shortcuts.py --out benchmarks/results/shortcuts-default
     python benchmarks/bench_shortcuts.py --model skinscan-lite0-isic --per-source 20 --out /tmp/shortcuts
 """
@@ -26,7 +30,7 @@ from skinscan.data import Record, load_dataset
 from skinscan.evaluate import score
 from skinscan.metrics import roc_auc
 from skinscan.predict import Predictor
-from skinscan.shortcuts import PLACEMENTS, held_out, load_stamps, spread, stamp_effects
+from skinscan.shortcuts import CONTROLS, PLACEMENTS, held_out, load_stamps, perturbation_effects, spread, stamp_effects
 from skinscan.stamps import build_stamps
 
 DATASETS = ("isic-mvb", "pad-ufes-20-phone", "isic-archive-more", "clinical-atlas")
@@ -63,6 +67,7 @@ def main() -> None:
     benign = [r for s in sources for r in _sample(records, s, 0, args.per_source)]
     malignant = [r for s in sources for r in _sample(records, s, 1, args.per_source)]
     report = stamp_effects(predictor, [r.path for r in benign], stamps, sources=[r.source for r in benign])
+    controls = perturbation_effects(predictor, [r.path for r in benign], sources=[r.source for r in benign])
     malignant_probs, _ = score(predictor, malignant, progress=False)
 
     result: dict = {
@@ -73,6 +78,10 @@ def main() -> None:
         "all": report.to_dict(),
         "sources": {},
         "no_held_out_photos": none_held_out,
+        "controls": {
+            "all": controls.to_dict(),
+            "sources": {s: controls.for_source(s).to_dict() for s in sorted(set(controls.sources))},
+        },
     }
     for s in sorted(set(report.sources)):  # the sources with held-out benign photos
         part = report.for_source(s)
@@ -101,6 +110,17 @@ def main() -> None:
                 f"| {name} | {s} | {e['n']} | {e['median_abs_change']:.4f}{mark} | {e['mean_change']:+.4f} | "
                 f"{e['p90_abs_change']:.4f} | {e['flipped']:.1%} | {auc} |"
             )
+    control_rows = [
+        "| change | source | n | median \\|change\\| | mean change | p90 \\|change\\| | flipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in CONTROLS:
+        for s, entry in [("**all**", result["controls"]["all"]), *result["controls"]["sources"].items()]:
+            e = next(x for x in entry["effects"] if x["stamp"] == name)
+            control_rows.append(
+                f"| {name} | {s} | {e['n']} | {e['median_abs_change']:.4f} | {e['mean_change']:+.4f} | "
+                f"{e['p90_abs_change']:.4f} | {e['flipped']:.1%} |"
+            )
     command = f"python benchmarks/bench_shortcuts.py{' --model ' + args.model if args.model else ''} --per-source {args.per_source} --out {args.out}"
     text = (
         f"# Shortcut counterfactuals: {predictor.card.name} {predictor.card.version}\n\n`{command}` "
@@ -108,6 +128,10 @@ def main() -> None:
         f"unstamped probability; ✗: median |change| at or above the bar of {BAR}. Flipped: the share of photos "
         "whose decision (refer/monitor) changed.\n\n"
         + "\n".join(rows)
+        + "\n\nThe same photos under changes that carry no mark (`skinscan.shortcuts.CONTROLS`): mirrored left to "
+        "right (training flips photos at random), moved 4 px right and down, saved again as a JPEG of quality 90. "
+        "How far the model moves for nothing: the floor the marks' changes read against.\n\n"
+        + "\n".join(control_rows)
         + (
             f"\n\nNo held-out photos (trained on; the card lists no validation photos): {', '.join(none_held_out)}\n"
             if none_held_out

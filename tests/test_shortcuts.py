@@ -16,11 +16,13 @@ from skinscan.errors import SkinscanError
 from skinscan.predict import Prediction
 from skinscan.preprocess import PreprocessSpec
 from skinscan.shortcuts import (
+    CONTROLS,
     PLACEMENTS,
     Placement,
     held_out,
     load_stamps,
     paste_stamp,
+    perturbation_effects,
     spread,
     stamp_effects,
 )
@@ -302,6 +304,38 @@ def test_stamp_effects_refuses_what_it_cannot_check():
         stamp_effects(_DarknessModel(), [_grey()], stamps, sources=["fitzpatrick17k"])
     with pytest.raises(SkinscanError, match="no placement"):
         stamp_effects(_DarknessModel(), [_grey()], {"sticker": _square((0, 0, 0, 255))})
+
+
+def test_perturbation_effects_measures_changes_that_carry_no_mark():
+    """The controls: a model that reads only the left half moves under the mirror and not under a 4-px shift
+    (the left half stays dark); a uniform photo moves under none; every change keeps the square's size."""
+    seen = []
+
+    class LeftHalf(_DarknessModel):
+        def predict(self, images, **kw):
+            seen.extend(images)
+            out = []
+            for img in images:
+                p = 1.0 - float(np.asarray(img, dtype=float)[:, :16].mean()) / 255.0
+                out.append(Prediction(None, p, "refer" if p >= 0.5 else "monitor", 0.5))
+            return out
+
+    pixels = np.concatenate([np.full((32, 16, 3), 20, np.uint8), np.full((32, 16, 3), 230, np.uint8)], axis=1)
+    report = perturbation_effects(LeftHalf(), [Image.fromarray(pixels), _grey((48, 32), 128)], sources=["a", "b"])
+    assert report.stamps == tuple(CONTROLS) == ("mirror", "shift-4px", "jpeg-q90")
+    assert {img.size for img in seen} == {(32, 32)}
+    half = report.for_source("a")
+    assert half["mirror"].mean_change == pytest.approx(-(230 - 20) / 255) and half["mirror"].flipped == 1.0
+    assert half["shift-4px"].median_abs_change == pytest.approx(0.0)
+    assert half["jpeg-q90"].median_abs_change < 0.01  # JPEG keeps each 8x8 block's mean
+    uniform = report.for_source("b")
+    assert all(uniform[name].median_abs_change < 0.005 for name in CONTROLS)
+    # the JPEG copy of a textured photo differs from it, a little
+    noise = Image.fromarray(np.random.default_rng(0).integers(60, 200, (32, 32, 3), dtype=np.uint8))
+    seen.clear()
+    perturbation_effects(LeftHalf(), [noise], {"jpeg-q90": CONTROLS["jpeg-q90"]})
+    diff = np.abs(np.asarray(seen[1], dtype=int) - np.asarray(seen[0], dtype=int))
+    assert 0 < diff.mean() < 30
 
 
 # --------------------------------------------------------------------------------------------- held_out

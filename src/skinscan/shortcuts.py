@@ -4,7 +4,8 @@ Each source marks its photos in its own way: DermNet NZ's logo, the "SFS" text o
 the ruler and the round dark vignette of some dermatoscopes, the surgical-ink circle drawn around a lesion in
 the phone set. A network can learn the mark instead of the lesion. The counterfactual check pastes each
 mark onto held-out benign photos and measures how far the probability moves (`stamp_effects`); a model that
-looks at the lesion barely moves.
+looks at the lesion barely moves. `perturbation_effects` measures the same for changes that carry no mark
+(`CONTROLS`: the photo mirrored, moved by 4 px, saved again as a JPEG): how far the model moves for nothing.
 
 The stamps themselves are RGBA images cut from real photos of the datasets at run time
 (`skinscan.stamps.build_stamps`); `PLACEMENTS` says where each source puts its mark and how large. No torch
@@ -14,13 +15,15 @@ here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import io
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .data import Record
 from .errors import SkinscanError
@@ -253,19 +256,76 @@ def stamp_effects(
     With `sources` (each photo's source), a stamp skips the photos of the sources that already carry it
     (`Placement.carried_by`); its `n` counts the photos it was pasted on. A photo that cannot be read
     raises: the check runs on the photos it was given or not at all."""
-    if not photos:
-        raise SkinscanError("no photos to stamp: give at least one held-out photo")
-    if sources is not None and len(sources) != len(photos):
-        raise SkinscanError(f"{len(sources)} sources for {len(photos)} photos: give one source per photo")
     names = tuple(stamps)
     unknown = [n for n in names if n not in placements]
     if unknown:
         raise SkinscanError(f"no placement for stamp(s) {unknown}; placements: {', '.join(placements)}")
+    changes = {name: partial(_paste, stamps[name], placements[name]) for name in names}
+    skip = {name: placements[name].carried_by for name in names}
+    return _effects(predictor, photos, changes, skip, sources, batch_size)
+
+
+def _paste(stamp: Image.Image, place: Placement, img: Image.Image) -> Image.Image:
+    return paste_stamp(img, stamp, place)
+
+
+def _shift(img: Image.Image, pixels: int = 4) -> Image.Image:
+    """The square moved `pixels` right and down, its top and left edges repeated into the gap."""
+    a = np.asarray(img)
+    return Image.fromarray(np.pad(a, ((pixels, 0), (pixels, 0), (0, 0)), mode="edge")[: a.shape[0], : a.shape[1]])
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+# Changes that carry no mark and no information about the lesion: how far the model moves for nothing, the
+# floor that the marks' changes are read against (`perturbation_effects`). Training flips photos at random,
+# so a network that had learned only the lesion would not move under the mirror.
+CONTROLS: Mapping[str, Callable[[Image.Image], Image.Image]] = {
+    "mirror": ImageOps.mirror,  # left and right swapped
+    "shift-4px": _shift,  # the square moved 4 px (1.8% of 224) right and down, edges repeated
+    "jpeg-q90": _jpeg,  # saved once more as a JPEG of quality 90
+}
+
+
+def perturbation_effects(
+    predictor: Predictor,
+    photos: Sequence[ImageSource],
+    changes: Mapping[str, Callable[[Image.Image], Image.Image]] = CONTROLS,
+    *,
+    sources: Sequence[str] | None = None,
+    batch_size: int = 32,
+) -> ShortcutReport:
+    """Like `stamp_effects`, for any change of the square the model sees (`changes`: name -> a function of
+    the RGB square returning one of the same size); by default `CONTROLS`, changes that carry no mark. The
+    report names each change where `stamp_effects`' names a stamp."""
+    return _effects(predictor, photos, changes, {}, sources, batch_size)
+
+
+def _effects(
+    predictor: Predictor,
+    photos: Sequence[ImageSource],
+    changes: Mapping[str, Callable[[Image.Image], Image.Image]],
+    skip: Mapping[str, tuple[str, ...]],
+    sources: Sequence[str] | None,
+    batch_size: int,
+) -> ShortcutReport:
+    """Predict every photo's square as it is and with each change (the photos of `skip[name]`'s sources
+    skip that change), in chunks of photos: bounded memory for large photos."""
+    if not photos:
+        raise SkinscanError("no photos to stamp: give at least one held-out photo")
+    if sources is not None and len(sources) != len(photos):
+        raise SkinscanError(f"{len(sources)} sources for {len(photos)} photos: give one source per photo")
+    names = tuple(changes)
     # which (photo, version) pairs to predict: column 0 is the photo as it is
     todo = np.ones((len(photos), 1 + len(names)), dtype=bool)
     if sources is not None:
         for j, name in enumerate(names, start=1):
-            todo[:, j] = [s not in placements[name].carried_by for s in sources]
+            todo[:, j] = [s not in skip.get(name, ()) for s in sources]
             if not todo[:, j].any():
                 raise SkinscanError(f"stamp {name!r} was pasted on no photo: every photo's source already carries it")
     probs = np.full(todo.shape, np.nan)
@@ -276,7 +336,7 @@ def stamp_effects(
             img = Image.fromarray(load_pixels(photos[i], predictor.spec))
             for j in np.flatnonzero(todo[i]):
                 cells.append((i, j))
-                variants.append(img if j == 0 else paste_stamp(img, stamps[names[j - 1]], placements[names[j - 1]]))
+                variants.append(img if j == 0 else changes[names[j - 1]](img))
         preds = predictor.predict(variants, batch_size=batch_size, force=True)
         bad = next((p for p in preds if not p.ok), None)
         if bad is not None:
