@@ -1,7 +1,9 @@
 """The shortcut remedies side by side: for each full-schedule run, how far the sources' marks still move it
 (`bench_shortcuts.py`, median |change| on held-out benign photos, bar 0.02) against how well it separates
 the seven sets of photos it never trained on (`bench_sources.py`, mean ROC AUC over the units). Reads the
-results folders those benchmarks wrote; measures nothing itself (docs/sources.md, "Shortcuts").
+results folders those benchmarks wrote; measures nothing itself (docs/sources.md, "Shortcuts"). Where
+bench_shortcuts.py also measured the changes that carry no mark (its `controls`), the mirror's median
+|change| is drawn beside the marks': how far the run moves for nothing.
 
     python benchmarks/plot_shortcuts_tradeoff.py --out benchmarks/results/shortcuts-tradeoff
 
@@ -21,6 +23,8 @@ RUNS = [
     ("no marks (2026.12.03)", "shortcuts-ab-full/base-2026-12-07", "sources-2026-12-03"),
     ("marks, seed 0", "shortcuts-ab-full/stamps", "sources-stamps-full"),
     ("marks, seed 1 (shipped)", "shortcuts-default", "sources-new-default"),
+    ("marks + λ 0.1, seed 0", "shortcuts-ab-full/consistency-0.1-s0", "sources-consistency-0.1-s0-full"),
+    ("marks + λ 0.1, seed 1", "shortcuts-ab-full/consistency-0.1", "sources-consistency-0.1-full"),
     ("marks + λ 0.3, seed 0", "shortcuts-ab-full/consistency-0.3-s0", "sources-consistency-0.3-s0-full"),
     ("marks + λ 0.3, seed 1", "shortcuts-ab-full/consistency-0.3", "sources-consistency-0.3-full"),
     ("marks + λ 1, seed 1", "shortcuts-ab-full/consistency", "sources-consistency-full"),
@@ -37,6 +41,10 @@ def load_run(label: str, shortcuts_dir: Path, sources_dir: Path) -> dict:
         "median_abs_change": {e["stamp"]: e["median_abs_change"] for e in marks["all"]["effects"]},
         "auc": aucs,
         "mean_auc": sum(aucs.values()) / len(aucs),
+        # changes that carry no mark (bench_shortcuts' controls; absent from results written before them)
+        "controls": {
+            e["stamp"]: e["median_abs_change"] for e in marks.get("controls", {}).get("all", {}).get("effects", [])
+        },
     }
 
 
@@ -48,17 +56,27 @@ def write_markdown(runs: list[dict], path: Path, command: str) -> None:
         f"`{command}`; median |change| in probability when the mark is pasted on held-out benign photos "
         f"(bar {BAR}), and the mean ROC AUC over the units of photos never trained on.",
         "",
-        "| run | model | " + " | ".join(stamps) + " | largest | mean AUC (units) |",
-        "|---" * (len(stamps) + 4) + "|",
+        "| run | model | " + " | ".join(stamps) + " | largest | mirrored, no mark | mean AUC (units) |",
+        "|---" * (len(stamps) + 5) + "|",
     ]
     for r in runs:
         m = r["median_abs_change"]
         cells = [f"{m[s]:.3f}" + (" ✗" if m[s] >= BAR else "") for s in stamps]
         lines.append(
             f"| {r['label']} | {r['model']} | " + " | ".join(cells) + f" | {max(m.values()):.3f} | "
-            f"{r['mean_auc']:.3f} ({len(r['auc'])}) |"
+            f"{_mirror(r)} | {r['mean_auc']:.3f} ({len(r['auc'])}) |"
         )
+    lines += [
+        "",
+        "Mirrored, no mark: the median |change| when the same photos are only mirrored left to right "
+        "(bench_shortcuts' controls; '-': measured before it had them). Training flips photos at random.",
+    ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _mirror(run: dict) -> str:
+    value = run["controls"].get("mirror")
+    return "-" if value is None else f"{value:.3f}"
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -73,6 +91,13 @@ def plot(runs: list[dict], path: Path) -> None:
         worst = max(r["median_abs_change"].values())
         left.scatter(r["mean_auc"], worst, s=60, color=f"C{i}", zorder=3)
         left.annotate(r["label"], (r["mean_auc"], worst), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if "mirror" in r["controls"]:
+            left.scatter(r["mean_auc"], r["controls"]["mirror"], s=60, facecolors="none", edgecolors=f"C{i}", zorder=3)
+            left.plot([r["mean_auc"]] * 2, [r["controls"]["mirror"], worst], color=f"C{i}", lw=0.8, ls=":")
+    if any("mirror" in r["controls"] for r in runs):
+        left.scatter([], [], s=60, facecolors="none", edgecolors="grey", label="the same photos mirrored (no mark)")
+        left.scatter([], [], s=60, color="grey", label="largest mark")
+        left.legend(fontsize=8, loc="center right")
     left.margins(x=0.2)
     left.axhline(BAR, color="grey", ls="--", lw=1)
     left.text(left.get_xlim()[0], BAR, f" bar {BAR}", va="bottom", fontsize=8, color="grey")
