@@ -41,9 +41,8 @@ def _mirror_tta(self: Predictor, batch: np.ndarray) -> dict[str, np.ndarray]:
     plain, mirrored = _run(self, batch), _run(self, np.ascontiguousarray(batch[..., ::-1]))
     out = dict(plain)
     out["logit"] = (plain["logit"] + mirrored["logit"]) / 2
-    for name in ("embedding",):
-        if name in out:
-            out[name] = (plain[name] + mirrored[name]) / 2
+    if "embedding" in out:
+        out["embedding"] = (plain["embedding"] + mirrored["embedding"]) / 2
     if "diagnosis" in out:
         out["diagnosis"] = np.log((np.exp(plain["diagnosis"]) + np.exp(mirrored["diagnosis"])) / 2)
     if "cam" in out:
