@@ -1,6 +1,6 @@
 """Two models on the same 646 de-leaked isic-mvb test images (the archive test the issue's bar names): each
-one's ROC AUC, the paired difference with a bootstrap 95% interval (the same resampled images for both), and
-the AUC on the images both judge dermoscopic (the bar's note: its malignant class holds clinical photos).
+one's ROC AUC, the paired difference with a bootstrap 95% interval (the same resampled images for both,
+near-copies together: bench_answers.paired_auc_difference), and the AUC on the images both judge dermoscopic (the bar's note: its malignant class holds clinical photos).
 
     python benchmarks/bench_paired_archive.py runs/consist01-models/consist01-full.onnx
     python benchmarks/bench_paired_archive.py CANDIDATE --baseline skinscan-lite0-sources-int8
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_answers import paired_auc_difference  # the paired bootstrap bench_answers.py uses
 from skinscan.data import load_dataset, without_leaks
 from skinscan.metrics import roc_auc
 from skinscan.predict import Predictor
@@ -42,20 +43,14 @@ def main() -> None:
             np.array([r.photo_type == "dermoscopic" for r in results]),
         )
     (cand_name, a, a_derm), (base_name, b, b_derm) = scored["candidate"], scored["baseline"]
-    rng = np.random.default_rng(0)
-    diffs = []
-    for _ in range(args.bootstrap):
-        i = rng.integers(0, len(y), len(y))
-        if len(set(y[i])) == 2:
-            diffs.append(roc_auc(y[i], a[i]) - roc_auc(y[i], b[i]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    # near-copies resampled together; AUC(candidate) - AUC(baseline)
+    paired = paired_auc_difference(y, b, a, [r.group for r in records], n_boot=args.bootstrap)
+    lo, hi = paired["ci"]
     both = a_derm & b_derm
     print(f"{len(y)} de-leaked archive test images ({int(y.sum())} malignant)")
     print(f"candidate {cand_name}: AUC {roc_auc(y, a):.3f}")
     print(f"baseline  {base_name}: AUC {roc_auc(y, b):.3f}")
-    print(
-        f"paired difference {roc_auc(y, a) - roc_auc(y, b):+.3f} [{lo:+.3f}, {hi:+.3f}] ({len(diffs)} bootstrap draws)"
-    )
+    print(f"paired difference {paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({paired['n_boot']} bootstrap draws)")
     print(
         f"both judge dermoscopic ({both.sum()}): candidate {roc_auc(y[both], a[both]):.3f}, baseline {roc_auc(y[both], b[both]):.3f}"
     )
