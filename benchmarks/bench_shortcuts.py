@@ -41,6 +41,14 @@ def _sample(records: list[Record], source: str, label: int, n: int) -> list[Reco
     return spread(sorted((r for r in records if r.source == source and r.label == label), key=lambda r: r.key), n)
 
 
+def _cells(e: dict, mark: str = "") -> str:
+    """One effect's table cells: n, median |change| (with `mark`), mean change, p90 |change|, flipped."""
+    return (
+        f"{e['n']} | {e['median_abs_change']:.4f}{mark} | {e['mean_change']:+.4f} | "
+        f"{e['p90_abs_change']:.4f} | {e['flipped']:.1%}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model file or bundled name (default: the default model)")
@@ -106,10 +114,7 @@ def main() -> None:
                 continue  # the source already carries the mark
             auc = f"{entry['auc']:.3f} ({entry['n_benign']} / {entry['n_malignant']})" if entry.get("auc") else "-"
             mark = " ✗" if e["median_abs_change"] >= BAR else ""
-            rows.append(
-                f"| {name} | {s} | {e['n']} | {e['median_abs_change']:.4f}{mark} | {e['mean_change']:+.4f} | "
-                f"{e['p90_abs_change']:.4f} | {e['flipped']:.1%} | {auc} |"
-            )
+            rows.append(f"| {name} | {s} | {_cells(e, mark)} | {auc} |")
     control_rows = [
         "| change | source | n | median \\|change\\| | mean change | p90 \\|change\\| | flipped |",
         "|---|---|---|---|---|---|---|",
@@ -117,10 +122,7 @@ def main() -> None:
     for name in CONTROLS:
         for s, entry in [("**all**", result["controls"]["all"]), *result["controls"]["sources"].items()]:
             e = next(x for x in entry["effects"] if x["stamp"] == name)
-            control_rows.append(
-                f"| {name} | {s} | {e['n']} | {e['median_abs_change']:.4f} | {e['mean_change']:+.4f} | "
-                f"{e['p90_abs_change']:.4f} | {e['flipped']:.1%} |"
-            )
+            control_rows.append(f"| {name} | {s} | {_cells(e)} |")
     command = f"python benchmarks/bench_shortcuts.py{' --model ' + args.model if args.model else ''} --per-source {args.per_source} --out {args.out}"
     text = (
         f"# Shortcut counterfactuals: {predictor.card.name} {predictor.card.version}\n\n`{command}` "
