@@ -43,6 +43,7 @@ class TrainConfig(BaseModel):
     dropout: float = Field(ge=0.0, lt=1.0)
     diagnosis_weight: float = Field(default=0.0, ge=0.0)
     color_constancy: Literal["none", "shades-of-gray"]
+    input_mask: Literal["none", "disc"] = "none"
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0.0)
@@ -69,7 +70,7 @@ class TrainConfig(BaseModel):
 
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing these settings train with; export copies it into the model card."""
-        return PreprocessSpec(size=self.image_size, color_constancy=self.color_constancy)
+        return PreprocessSpec(size=self.image_size, color_constancy=self.color_constancy, mask=self.input_mask)
 
     @property
     def split_seed_used(self) -> int:

@@ -2,8 +2,8 @@
 what the server (`Predictor`) and the web page's private mode (ONNX Runtime Web) both run.
 
 - `before` (`prepare_graph`): the decoded photo, uint8 (H, W, 3) upright RGB -> `image` (1, 3, S, S) float32
-  network input (shorter side resized to S, antialiased bilinear; centre square; Shades-of-Gray colour
-  constancy if the card asks; mean/std), `square` uint8 (S, S, 3), and `measures` (6,): the quality gate's
+  network input (shorter side resized to S, antialiased bilinear; centre square; black outside its
+  inscribed circle and Shades-of-Gray colour constancy if the card asks; mean/std), `square` uint8 (S, S, 3), and `measures` (6,): the quality gate's
   pixel measures in `MEASURES` order. The web page hands it the decoded photo, bounded by the decoder to a
   shorter side of at most `preprocess.DECODE_SIDE_FACTOR` x S (private.js `boundedSize`, after the reduction
   Pillow's JPEG draft makes on the server); the server hands it the square Pillow has already resized
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .phototype import PhotoTypes
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, disc_mask
 from .quality import BLUR_WINDOW, WORK_SIZE, QualityGate
 
 OPSET = 18  # Resize's `antialias` (Pillow-like downscaling) needs opset 18
@@ -114,13 +114,18 @@ def prepare_graph(spec: PreprocessSpec) -> Any:
         "Slice", resized, start, g.op("Add", start, g.const([s, s], np.int64)), g.const([0, 1], np.int64), out="square"
     )
 
-    # network input: colour constancy, then (v - mean) / std, as preprocess.normalise's tables
-    x = g.cast(square, "FLOAT")
+    # network input: the mask, colour constancy, then (v - mean) / std, as preprocess.normalise's tables
+    seen = square
+    if spec.mask == "disc":
+        seen = g.op("Mul", square, g.const(disc_mask(s)[:, :, None], np.uint8))
+    elif spec.mask != "none":
+        raise ValueError(f"unknown mask {spec.mask!r}")
+    x = g.cast(seen, "FLOAT")
     if spec.color_constancy == "shades-of-gray":
         power = 6.0
         mean_power = g.op(
             "ReduceMean",
-            g.op("Pow", g.cast(square, "DOUBLE"), g.const(power, np.float64)),
+            g.op("Pow", g.cast(seen, "DOUBLE"), g.const(power, np.float64)),
             g.const([0, 1], np.int64),
             keepdims=0,
         )

@@ -51,6 +51,7 @@ class PreprocessSpec:
     resize: str = "shorter-side-then-center-crop"
     interpolation: str = "bilinear"
     color_constancy: str = "none"  # or "shades-of-gray"
+    mask: str = "none"  # or "disc": black outside the square's inscribed circle (`disc_mask`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +65,7 @@ class PreprocessSpec:
             resize=str(d.get("resize", cls.resize)),
             interpolation=str(d.get("interpolation", cls.interpolation)),
             color_constancy=str(d.get("color_constancy", cls.color_constancy)),
+            mask=str(d.get("mask", cls.mask)),
         )
 
 
@@ -184,8 +186,20 @@ def _sog_gains(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
     return illuminant.mean(axis=-1, keepdims=True) / illuminant
 
 
+def disc_mask(size: int) -> np.ndarray:
+    """uint8 (size, size): 1 on the pixels whose centre lies inside the square's inscribed circle, else 0.
+
+    With `PreprocessSpec.mask == "disc"` the network sees black corners on every photo: a dermatoscope's
+    vignette or a corner stamp cannot tell it anything there (the corners hold 21% of the square).
+    """
+    c = np.arange(size, dtype=np.float64) + 0.5 - size / 2
+    return (np.add.outer(c * c, c * c) <= (size / 2) ** 2).astype(np.uint8)
+
+
 def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW): colour constancy if the spec asks, then scaling.
+    """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW): the mask, colour constancy if the spec asks, then
+    scaling. The mask blackens before colour constancy, so Shades of Gray weighs the disc only (black adds
+    nothing to its p-norm sums and the pixel count cancels in its gains).
 
     Training calls this after augmentation, prediction right after `load_pixels`: the same code path.
     Per image and channel the result depends only on the pixel's 8-bit value, so it is computed once per
@@ -197,6 +211,10 @@ def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     single = pixels.ndim == 3
     batch = pixels[None] if single else pixels
     n = batch.shape[0]
+    if spec.mask == "disc":
+        batch = batch * disc_mask(batch.shape[1])[None, :, :, None]
+    elif spec.mask != "none":
+        raise ValueError(f"unknown mask {spec.mask!r}")
     if spec.color_constancy == "shades-of-gray":
         gains = _sog_gains(batch)  # (N, 3)
     elif spec.color_constancy == "none":
