@@ -56,6 +56,7 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
         ("arch", "resnet50"),
         ("augment", "heavy"),
         ("batch_size", "many"),
+        ("input_mask", "oval"),
     ],
 )
 def test_invalid_value_names_the_field(key: str, value) -> None:
@@ -97,6 +98,15 @@ def test_parse_overrides_rejects_malformed_pairs(pair: str) -> None:
 def test_overrides_reach_the_config() -> None:
     cfg = load_config(overrides=parse_overrides(["lr=1e-3", "epochs=2", "limit=64"]))
     assert (cfg.lr, cfg.epochs, cfg.limit) == (0.001, 2, 64)
+
+
+def test_the_preprocessing_settings_reach_the_spec_the_card_records() -> None:
+    assert load_config().preprocess_spec().mask == "none"
+    cfg = load_config(
+        overrides=parse_overrides(["input_mask=disc", "color_constancy=shades-of-gray", "image_size=192"])
+    )
+    spec = cfg.preprocess_spec()
+    assert (spec.mask, spec.color_constancy, spec.size) == ("disc", "shades-of-gray", 192)
 
 
 def test_config_file_then_overrides(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ the server and the web page run the graphs; training and fitting run the NumPy c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from skinscan.explain import influence
-from skinscan.graphs import MEASURES, PROBLEM_ORDER
+from skinscan.graphs import MEASURES, PROBLEM_ORDER, prepare_graph
 from skinscan.preprocess import DECODE_SIDE_FACTOR, decode_image, load_pixels, normalise, resize_for_model
 from skinscan.quality import pixel_measures
 
@@ -48,6 +49,20 @@ def test_before_graph_matches_pillow_and_numpy(predictor, photos) -> None:
         np.testing.assert_allclose(image[0], normalise(square, spec), atol=2e-5)
         expected = pixel_measures(square)
         np.testing.assert_allclose(measures, [expected[k] for k in MEASURES], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.data
+def test_before_graph_masks_as_normalise_does(predictor, photos) -> None:
+    import onnxruntime as ort
+
+    spec = replace(predictor.spec, mask="disc")
+    session = ort.InferenceSession(prepare_graph(spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    for path in photos[::4]:
+        image, square, measures = session.run(None, {"pixels": load_pixels(path, spec)})
+        np.testing.assert_allclose(image[0], normalise(square, spec), atol=2e-5)
+        assert np.all(image[0][:, 0, 0] == image[0][:, -1, -1])  # the corners are black on every photo
+        # the quality gate still measures the whole square
+        np.testing.assert_allclose(measures, [pixel_measures(square)[k] for k in MEASURES], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.data

@@ -21,6 +21,7 @@ from skinscan.preprocess import (
     MAX_PIXELS,
     PreprocessSpec,
     decode_image,
+    disc_mask,
     load_pixels,
     normalise,
     preprocess,
@@ -473,6 +474,28 @@ def test_normalise_batch_is_nchw_and_uses_the_spec() -> None:
         assert np.allclose(out[:, c], expected, atol=1e-5)
 
 
+def test_disc_mask_blackens_the_corners_and_colour_constancy_weighs_only_the_disc() -> None:
+    spec = PreprocessSpec(size=64, color_constancy="shades-of-gray", mask="disc")
+    inside = disc_mask(64).astype(bool)
+    assert 0.75 < inside.mean() < 0.80  # pi / 4 of the square
+    assert inside[32, 32] and inside[0, 32] and inside[32, 0] and not inside[0, 0] and not inside[63, 63]
+    photo = np.random.default_rng(3).integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    red_corners, green_corners = photo.copy(), photo.copy()
+    red_corners[~inside] = (255, 0, 0)
+    green_corners[~inside] = (0, 255, 0)
+
+    out_red, out_green = normalise(red_corners, spec), normalise(green_corners, spec)
+
+    assert np.all(out_red[:, ~inside] == -1.0)  # black, whatever was there
+    np.testing.assert_array_equal(out_red, out_green)  # the corners change nothing, Shades of Gray's gains included
+    unmasked = PreprocessSpec(size=64, color_constancy="shades-of-gray")
+    assert not np.allclose(normalise(red_corners, unmasked)[:, inside], normalise(green_corners, unmasked)[:, inside])
+    batch = normalise(np.stack([red_corners, green_corners]), spec)
+    np.testing.assert_array_equal(batch[0], out_red)
+    with pytest.raises(ValueError, match="unknown mask"):
+        normalise(photo, PreprocessSpec(size=64, mask="oval"))
+
+
 def test_every_source_type_gives_identical_arrays(write_image) -> None:
     path = write_image("photo.jpg", _noisy(320, 240), quality=92)
     data = path.read_bytes()
@@ -490,6 +513,8 @@ def test_spec_round_trips_through_dict_and_json() -> None:
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     assert PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert PreprocessSpec.from_dict(PreprocessSpec().to_dict()) == PreprocessSpec()
+    masked = PreprocessSpec(color_constancy="shades-of-gray", mask="disc")
+    assert PreprocessSpec.from_dict(json.loads(json.dumps(masked.to_dict()))) == masked
 
 
 def test_spec_from_dict_fills_optional_fields_with_defaults() -> None:
@@ -498,3 +523,4 @@ def test_spec_from_dict_fills_optional_fields_with_defaults() -> None:
     assert spec.std == (0.25, 0.25, 0.25)
     assert spec.resize == PreprocessSpec().resize
     assert spec.interpolation == PreprocessSpec().interpolation
+    assert spec.mask == "none"  # cards written before the mask existed
