@@ -28,6 +28,8 @@ RUNS = [
     ("marks + λ 0.3, seed 0", "shortcuts-ab-full/consistency-0.3-s0", "sources-consistency-0.3-s0-full"),
     ("marks + λ 0.3, seed 1", "shortcuts-ab-full/consistency-0.3", "sources-consistency-0.3-full"),
     ("marks + λ 1, seed 1", "shortcuts-ab-full/consistency", "sources-consistency-full"),
+    ("marks + disc mask, seed 0", "shortcuts-ab-full/disc-s0", "sources-disc-s0-full"),
+    ("marks + disc mask, seed 1", "shortcuts-ab-full/disc-s1", "sources-disc-s1-full"),
 ]
 
 
