@@ -1,6 +1,7 @@
 """Two models on the same 646 de-leaked isic-mvb test images (the archive test the issue's bar names): each
 one's ROC AUC, the paired difference with a bootstrap 95% interval (the same resampled images for both,
-near-copies together: bench_answers.paired_auc_difference), and the AUC on the images both judge dermoscopic (the bar's note: its malignant class holds clinical photos).
+near-copies together: bench_answers.paired_auc_difference), and the AUC on the images both judge
+dermoscopic (the bar's note: its malignant class holds clinical photos).
 
     python benchmarks/bench_paired_archive.py runs/consist01-models/consist01-full.onnx
     python benchmarks/bench_paired_archive.py CANDIDATE --baseline skinscan-lite0-sources-int8
