@@ -131,3 +131,15 @@ def test_config_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "typo.yaml")
     (tmp_path / "empty.yaml").write_text("")
     assert load_config(tmp_path / "empty.yaml") == load_config()
+
+
+def test_progressive_resizing_settings_are_checked_together() -> None:
+    cfg = load_config(overrides={"epochs": 12, "small_size": 160, "small_epochs": 9})
+    assert (cfg.small_size, cfg.small_epochs) == (160, 9)
+    assert cfg.preprocess_spec().size == cfg.image_size  # prediction always runs at image_size
+    with pytest.raises(ConfigError, match=r"^invalid setting: small_epochs needs small_size under image_size \(224\)"):
+        load_config(overrides={"small_epochs": 2})
+    with pytest.raises(ConfigError, match=r"^invalid setting: small_epochs needs small_size under image_size"):
+        load_config(overrides={"small_epochs": 2, "small_size": 224})
+    with pytest.raises(ConfigError, match=r"^invalid setting: small_epochs \(15\) must be fewer than epochs \(15\)"):
+        load_config(overrides={"small_epochs": 15, "small_size": 160})

@@ -221,6 +221,12 @@ def test_training_with_stamp_consistency_records_how_far_the_marks_moved_the_log
     train(cfg, tmp_path / "run", progress=False)
     (row,) = csv.DictReader((tmp_path / "run" / "history.csv").open())
     assert np.isfinite(float(row["mark_shift_mean"])) and float(row["mark_shift_median_abs"]) > 0
+    # with progressive resizing the clean twins shrink with their marked draws (one pass holds both)
+    cfg = load_config(overrides={**cfg.model_dump(), "epochs": 2, "small_size": 128, "small_epochs": 1})
+    train(cfg, tmp_path / "small", progress=False)
+    rows = list(csv.DictReader((tmp_path / "small" / "history.csv").open()))
+    assert [r["train_size"] for r in rows] == ["128", "224"]
+    assert all(float(r["mark_shift_median_abs"]) > 0 for r in rows)
 
 
 def test_stamp_augmentation_without_the_datasets_is_a_clear_config_error(tmp_path):

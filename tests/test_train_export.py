@@ -321,3 +321,28 @@ def test_diagnosis_head_trains_masked_exports_and_predicts(tmp_path, isic_mvb, p
         for c, recall in f["diagnosis_recall"].items():
             mine = [said[r.path] == c for r in recs if r.diagnosis == c]
             assert recall == pytest.approx(np.mean(mine))
+
+
+def test_progressive_resizing_trains_small_first_then_at_full_size(tmp_path, isic_mvb, monkeypatch):
+    """small_epochs train at small_size (the same draws, shrunk), the later ones and validation at image_size;
+    history.csv says which size each epoch trained at."""
+    from skinscan.model import LesionNet
+
+    seen: list[tuple[bool, int]] = []
+    real = LesionNet.features
+
+    def recording(self, x):
+        seen.append((self.training, x.shape[-1]))
+        return real(self, x)
+
+    monkeypatch.setattr(LesionNet, "features", recording)
+    over = {"data": str(isic_mvb), "limit": 48, "epochs": 2, "batch_size": 16, "threads": 2}
+    cfg = load_config(overrides={**over, "small_size": 128, "small_epochs": 1})
+    train_mod.train(cfg, tmp_path / "run", progress=False)
+    train_sizes = [size for training, size in seen if training]
+    steps = len(train_sizes) // 2
+    assert steps > 0 and train_sizes == [128] * steps + [224] * steps
+    assert {size for training, size in seen if not training} == {224}  # validation and calibration
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    sizes = [line.split(",")[history[0].split(",").index("train_size")] for line in history[1:]]
+    assert sizes == ["128", "224"]

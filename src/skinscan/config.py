@@ -45,6 +45,8 @@ class TrainConfig(BaseModel):
     color_constancy: Literal["none", "shades-of-gray"]
     input_mask: Literal["none", "disc"] = "none"
     epochs: int = Field(ge=1)
+    small_size: int | None = Field(default=None, ge=64, le=512)
+    small_epochs: int = Field(default=0, ge=0)
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0.0)
     warmup_epochs: int = Field(ge=0)
@@ -65,6 +67,19 @@ class TrainConfig(BaseModel):
         if self.stamp_consistency > 0 and not self.stamp_augment:
             raise ValueError(
                 "stamp_consistency needs stamp_augment > 0 (the marked draws it compares with their twins)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _small_epochs_fit(self) -> TrainConfig:
+        if self.small_epochs and (self.small_size is None or self.small_size >= self.image_size):
+            raise ValueError(
+                f"small_epochs needs small_size under image_size ({self.image_size}): the early epochs train smaller"
+            )
+        if self.small_epochs >= self.epochs:
+            raise ValueError(
+                f"small_epochs ({self.small_epochs}) must be fewer than epochs ({self.epochs}): the last epochs "
+                f"train at image_size, the size the model predicts at"
             )
         return self
 

@@ -373,8 +373,13 @@ def _fit(
         dataset.epoch = epoch
         model.train()
         losses, train_logits, train_y, mark_shifts = [], [], [], []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
+        size = cfg.small_size if epoch < cfg.small_epochs else None  # progressive resizing: small first
+        desc = f"epoch {epoch + 1}/{cfg.epochs}" + (f" at {size} px" if size else "")
+        bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
         for x, y, d, *twins in bar:
+            x = _resized(x, size)
+            if twins:  # the clean twins shrink with their marked draws
+                twins = [_resized(twins[0], size), twins[1]]
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y, d = y.to(device), d.to(device)
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
@@ -403,6 +408,7 @@ def _fit(
             "val_loss": val_loss,
             "val_auc": metrics.roc_auc(y_val, val_logits),
             "lr": float(scheduler.get_last_lr()[0]),
+            "train_size": size or cfg.image_size,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         if cfg.stamp_consistency > 0:  # how far a pasted mark moved the logit during the epoch (marked - clean)
@@ -513,6 +519,14 @@ def _forward_with_twins(
     logits, diag_logits = model.forward_both(torch.cat([x, clean]))
     shift = logits[:n][has_twin.to(device)] - logits[n:]
     return logits[:n], None if diag_logits is None else diag_logits[:n], shift
+
+
+def _resized(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A batch of normalised images shrunk to `size` px (None: as it is), as progressive resizing trains its
+    early epochs: the same augmented draws, antialiased, so the network sees the photo, not its aliasing."""
+    if size is None or x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _balanced(cfg: TrainConfig) -> bool:
