@@ -30,6 +30,7 @@ RUNS = [
     ("marks + λ 1, seed 1", "shortcuts-ab-full/consistency", "sources-consistency-full"),
     ("marks + disc mask, seed 0", "shortcuts-ab-full/disc-s0", "sources-disc-s0-full"),
     ("marks + disc mask, seed 1", "shortcuts-ab-full/disc-s1", "sources-disc-s1-full"),
+    ("marks + progressive resizing, seed 1", "shortcuts-ab-full/prog-s1", "sources-prog-s1-full"),
 ]
 
 
@@ -88,14 +89,15 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     stamps = list(runs[0]["median_abs_change"])
+    colours = plt.get_cmap("tab20").colors  # more runs than the default cycle's ten colours
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.3]})
     for i, r in enumerate(runs):
         worst = max(r["median_abs_change"].values())
-        left.scatter(r["mean_auc"], worst, s=60, color=f"C{i}", zorder=3)
+        left.scatter(r["mean_auc"], worst, s=60, color=colours[i % len(colours)], zorder=3)
         left.annotate(r["label"], (r["mean_auc"], worst), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if "mirror" in r["controls"]:
-            left.scatter(r["mean_auc"], r["controls"]["mirror"], s=60, facecolors="none", edgecolors=f"C{i}", zorder=3)
-            left.plot([r["mean_auc"]] * 2, [r["controls"]["mirror"], worst], color=f"C{i}", lw=0.8, ls=":")
+            left.scatter(r["mean_auc"], r["controls"]["mirror"], s=60, facecolors="none", edgecolors=colours[i % len(colours)], zorder=3)
+            left.plot([r["mean_auc"]] * 2, [r["controls"]["mirror"], worst], color=colours[i % len(colours)], lw=0.8, ls=":")
     if any("mirror" in r["controls"] for r in runs):
         left.scatter([], [], s=60, facecolors="none", edgecolors="grey", label="the same photos mirrored (no mark)")
         left.scatter([], [], s=60, color="grey", label="largest mark")
@@ -109,7 +111,7 @@ def plot(runs: list[dict], path: Path) -> None:
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(stamps))]
-        right.bar(xs, [r["median_abs_change"][s] for s in stamps], width, color=f"C{i}", label=r["label"])
+        right.bar(xs, [r["median_abs_change"][s] for s in stamps], width, color=colours[i % len(colours)], label=r["label"])
     right.axhline(BAR, color="grey", ls="--", lw=1)
     right.set_xticks(range(len(stamps)), stamps)
     right.set_ylabel("median |change| in probability")
