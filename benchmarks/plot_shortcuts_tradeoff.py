@@ -92,12 +92,12 @@ def plot(runs: list[dict], path: Path) -> None:
     colours = plt.get_cmap("tab20").colors  # more runs than the default cycle's ten colours
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.3]})
     for i, r in enumerate(runs):
-        worst = max(r["median_abs_change"].values())
-        left.scatter(r["mean_auc"], worst, s=60, color=colours[i % len(colours)], zorder=3)
+        colour, worst = colours[i % len(colours)], max(r["median_abs_change"].values())
+        left.scatter(r["mean_auc"], worst, s=60, color=colour, zorder=3)
         left.annotate(r["label"], (r["mean_auc"], worst), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if "mirror" in r["controls"]:
-            left.scatter(r["mean_auc"], r["controls"]["mirror"], s=60, facecolors="none", edgecolors=colours[i % len(colours)], zorder=3)
-            left.plot([r["mean_auc"]] * 2, [r["controls"]["mirror"], worst], color=colours[i % len(colours)], lw=0.8, ls=":")
+            left.scatter(r["mean_auc"], r["controls"]["mirror"], s=60, facecolors="none", edgecolors=colour, zorder=3)
+            left.plot([r["mean_auc"]] * 2, [r["controls"]["mirror"], worst], color=colour, lw=0.8, ls=":")
     if any("mirror" in r["controls"] for r in runs):
         left.scatter([], [], s=60, facecolors="none", edgecolors="grey", label="the same photos mirrored (no mark)")
         left.scatter([], [], s=60, color="grey", label="largest mark")
@@ -111,7 +111,9 @@ def plot(runs: list[dict], path: Path) -> None:
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(stamps))]
-        right.bar(xs, [r["median_abs_change"][s] for s in stamps], width, color=colours[i % len(colours)], label=r["label"])
+        right.bar(
+            xs, [r["median_abs_change"][s] for s in stamps], width, color=colours[i % len(colours)], label=r["label"]
+        )
     right.axhline(BAR, color="grey", ls="--", lw=1)
     right.set_xticks(range(len(stamps)), stamps)
     right.set_ylabel("median |change| in probability")
