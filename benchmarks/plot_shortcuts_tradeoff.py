@@ -30,6 +30,7 @@ RUNS = [
     ("marks + λ 1, seed 1", "shortcuts-ab-full/consistency", "sources-consistency-full"),
     ("marks + disc mask, seed 0", "shortcuts-ab-full/disc-s0", "sources-disc-s0-full"),
     ("marks + disc mask, seed 1", "shortcuts-ab-full/disc-s1", "sources-disc-s1-full"),
+    ("marks + progressive resizing, seed 0", "shortcuts-ab-full/prog-s0", "sources-prog-s0-full"),
     ("marks + progressive resizing, seed 1", "shortcuts-ab-full/prog-s1", "sources-prog-s1-full"),
 ]
 
