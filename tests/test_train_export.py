@@ -346,3 +346,10 @@ def test_progressive_resizing_trains_small_first_then_at_full_size(tmp_path, isi
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()
     sizes = [line.split(",")[history[0].split(",").index("train_size")] for line in history[1:]]
     assert sizes == ["128", "224"]
+
+
+def test_history_of_a_run_resumed_from_an_older_version_keeps_every_column(tmp_path):
+    """A run interrupted before `train_size` existed resumes with rows that have it: no row is lost."""
+    path = tmp_path / "history.csv"
+    train_mod._write_csv(path, [{"epoch": 1, "val_auc": 0.7}, {"epoch": 2, "val_auc": 0.8, "train_size": 224}])
+    assert path.read_text().splitlines() == ["epoch,val_auc,train_size", "1,0.7,", "2,0.8,224"]

@@ -539,7 +539,8 @@ def _balanced(cfg: TrainConfig) -> bool:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # a run resumed from an older version adds columns
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
