@@ -4,12 +4,14 @@ what the server (`Predictor`) and the web page's private mode (ONNX Runtime Web)
 - `before` (`prepare_graph`): the decoded photo, uint8 (H, W, 3) upright RGB -> `image` (1, 3, S, S) float32
   network input (shorter side resized to S, antialiased bilinear; centre square; black outside its
   inscribed circle and Shades-of-Gray colour constancy if the card asks; mean/std), `square` uint8
-  (S, S, 3), and `measures` (6,): the quality gate's pixel measures in `MEASURES` order. The web page hands it the decoded photo, bounded by the decoder to a
-  shorter side of at most `preprocess.DECODE_SIDE_FACTOR` x S (private.js `boundedSize`, after the reduction
-  Pillow's JPEG draft makes on the server); the server hands it the square Pillow has already resized
+  (S, S, 3), and `measures` (6,): the quality gate's pixel measures in `MEASURES` order. The web page
+  hands it the decoded photo, bounded by the decoder to a shorter side of at most
+  `preprocess.DECODE_SIDE_FACTOR` x S (private.js `boundedSize`, after the reduction Pillow's JPEG draft
+  makes on the server); the server hands it the square Pillow has already resized
   (`preprocess.resize_for_model`, which training uses too), so the graph's resize is the identity there
   and the server's predictions stay those of the NumPy code. ONNX Runtime's antialiased resize differs
-  from Pillow's by rounding (at most 8 levels on under 0.5% of the pixels of phone photos; tests/test_graphs.py).
+  from Pillow's by rounding (at most 8 levels on under 0.5% of the pixels of phone photos;
+  tests/test_graphs.py).
 - `after` (`finish_graph`): the network's `logit` (N,), `embedding` (N, D), `cam` (N, h, w), the photos'
   `shorter_side` (N,) (0: unknown) and `measures` (N, 6) -> `probability` (calibrated per detected photo type),
   `threshold`, `is_phone`, `ood_score` (-1: the card has no fitted check), `problems` (N, 6) booleans in
