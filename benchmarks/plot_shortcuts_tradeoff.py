@@ -90,10 +90,11 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     stamps = list(runs[0]["median_abs_change"])
-    colours = plt.get_cmap("tab20").colors  # more runs than the default cycle's ten colours
+    tab20 = plt.get_cmap("tab20").colors  # more runs than the default cycle's ten colours
+    colours = [tab20[i % len(tab20)] for i in range(len(runs))]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.3]})
     for i, r in enumerate(runs):
-        colour, worst = colours[i % len(colours)], max(r["median_abs_change"].values())
+        colour, worst = colours[i], max(r["median_abs_change"].values())
         left.scatter(r["mean_auc"], worst, s=60, color=colour, zorder=3)
         left.annotate(r["label"], (r["mean_auc"], worst), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if "mirror" in r["controls"]:
@@ -112,9 +113,7 @@ def plot(runs: list[dict], path: Path) -> None:
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(stamps))]
-        right.bar(
-            xs, [r["median_abs_change"][s] for s in stamps], width, color=colours[i % len(colours)], label=r["label"]
-        )
+        right.bar(xs, [r["median_abs_change"][s] for s in stamps], width, color=colours[i], label=r["label"])
     right.axhline(BAR, color="grey", ls="--", lw=1)
     right.set_xticks(range(len(stamps)), stamps)
     right.set_ylabel("median |change| in probability")
